@@ -1,0 +1,25 @@
+//! hearth-gateway: an MQTT server for devices whose every publish is decoded
+//! by a payload convention, normalised into `hearth.v1.Event` and stored in
+//! NATS JetStream before the device is acknowledged.
+//!
+//! The pieces, from the wire inwards:
+//! - [`mqtt`]: the listener (limits, shutdown) and one handler per connection
+//!   speaking MQTT 3.1.1 through rumqttc's codec;
+//! - the store pipeline (`ingest`): per connection, decode → encode → publish
+//!   to JetStream, many in flight, acknowledged to the device in order only
+//!   once JetStream stored them;
+//! - [`conventions`]: topic and payload conventions (native, Zigbee2MQTT);
+//! - [`jetstream`]: the streams and the exactly-once publishing;
+//! - [`embedded`]: a supervised local nats-server when no NATS URL is given.
+
+pub mod config;
+pub mod conventions;
+pub mod embedded;
+mod http;
+mod ingest;
+pub mod jetstream;
+mod mqtt;
+mod server;
+pub mod subject;
+
+pub use server::{Gateway, GatewayError};

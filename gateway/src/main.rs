@@ -1,1 +1,57 @@
-fn main() {}
+//! `hearth-gateway`: parses the configuration, runs the gateway until
+//! SIGINT/SIGTERM, then stops it gracefully.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use hearth_gateway::config::{Cli, Config};
+use hearth_gateway::Gateway;
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log_format);
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            eprintln!("hearth-gateway: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = Config::load(&cli)?;
+    let gateway = Gateway::start(config)
+        .await
+        .context("the gateway could not start")?;
+    wait_for_signal().await?;
+    tracing::info!("stopping (signal received)");
+    gateway.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => result.context("cannot listen for SIGINT")?,
+        _ = terminate.recv() => {}
+    }
+    Ok(())
+}
+
+fn init_logging(format: &str) {
+    let filter = EnvFilter::try_from_env("HEARTH_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

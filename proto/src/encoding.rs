@@ -147,6 +147,8 @@ mod tests {
     #[test]
     fn garbage_is_a_decode_error_not_a_panic() {
         assert!(Encoding::Json.decode::<Event>(b"{not json").is_err());
-        assert!(Encoding::Protobuf.decode::<Event>(&[0xff, 0xff, 0xff]).is_err());
+        assert!(Encoding::Protobuf
+            .decode::<Event>(&[0xff, 0xff, 0xff])
+            .is_err());
     }
 }

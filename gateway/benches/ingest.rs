@@ -1,0 +1,208 @@
+//! Ingest throughput, printed as figures (not a timed test):
+//!
+//! - QoS 1 publishes acknowledged to devices (and so stored) through the
+//!   gateway, with 1 and with 50 device connections;
+//! - the raw async-nats JetStream publish rate from one process into the
+//!   same server: the ceiling;
+//! - the same MQTT load sent to nats-server's built-in MQTT listener: the peer.
+//!
+//! Run: `cargo bench -p hearth-gateway --bench ingest`. Each figure is
+//! measured for `HEARTH_BENCH_SECS` seconds (default 5) after a one-second
+//! warm-up, against every nats-server named in `HEARTH_BENCH_SERVERS`
+//! (colon-separated paths; default: `$HEARTH_NATS_SERVER` or `nats-server`).
+//! Everything runs on this machine: the load, the gateway and nats-server
+//! share its cores, as on a Raspberry Pi that hosts them all.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use bytes::Bytes;
+use hearth_gateway::config::Config;
+use hearth_gateway::Gateway;
+use hearth_test_support::{free_port, TestNats};
+
+/// rumqttc's default inflight window; the gateway reads up to its own
+/// `mqtt.max_inflight` (1024) per connection.
+const INFLIGHT: u16 = 100;
+const TOPIC: &str = "hearth/home/lab/meter/illuminance";
+
+#[tokio::main]
+async fn main() {
+    // `cargo test --all-targets` and nextest's listing also run bench
+    // targets; only `cargo bench` (which passes --bench) measures.
+    if !std::env::args().any(|arg| arg == "--bench") {
+        return;
+    }
+    if std::env::var_os("RUST_LOG").is_none() {
+        std::env::set_var("RUST_LOG", "warn");
+    }
+    let secs: u64 = std::env::var("HEARTH_BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
+    let window = Duration::from_secs(secs);
+    let servers: Vec<String> = std::env::var("HEARTH_BENCH_SERVERS")
+        .or_else(|_| std::env::var("HEARTH_NATS_SERVER"))
+        .unwrap_or_else(|_| "nats-server".to_owned())
+        .split(':')
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect();
+
+    println!("hearth ingest benchmark: {secs} s per figure, QoS 1, rumqttc clients with inflight {INFLIGHT}");
+    for server in servers {
+        let mqtt_port = free_port();
+        let nats = TestNats::start_with(|config| {
+            config.binary = server.clone().into();
+            config.extra_config = format!("mqtt {{ listen: \"127.0.0.1:{mqtt_port}\" }}\n");
+        })
+        .await;
+        let version = nats.server().version().unwrap_or("unknown").to_owned();
+        println!("\nnats-server {version} ({server})");
+
+        let mut config = Config::default();
+        config.nats.url = Some(nats.url());
+        config.mqtt.listen = "127.0.0.1:0".parse().unwrap();
+        config.http.listen = "127.0.0.1:0".parse().unwrap();
+        let gateway = Gateway::start(config).await.expect("gateway starts");
+        let js = jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+
+        let raw = raw_jetstream(&js, window).await;
+        println!(
+            "  raw JetStream publish (async-nats, 1 process):  {raw:>9.0} msg/s  (the ceiling)"
+        );
+        for connections in [1, 50] {
+            purge(&js).await;
+            let through_gateway =
+                mqtt_load(gateway.mqtt_addr().port(), connections, window, "gw").await;
+            purge(&js).await;
+            let through_nats_mqtt = mqtt_load(mqtt_port, connections, window, "nm").await;
+            println!(
+                "  {connections:>2} connection(s): gateway {through_gateway:>9.0} msg/s ({:>3.0}% of raw) | nats-server MQTT {through_nats_mqtt:>9.0} msg/s | gateway/nats-mqtt {:.2}x",
+                100.0 * through_gateway / raw,
+                through_gateway / through_nats_mqtt
+            );
+        }
+        gateway.shutdown().await;
+    }
+}
+
+/// A stream that captures nats-server's own MQTT traffic too (its MQTT
+/// topics become subjects `hearth.home.lab...`), so both paths store.
+async fn purge(js: &jetstream::Context) {
+    let config = jetstream::stream::Config {
+        name: "BENCH_NATS_MQTT".into(),
+        subjects: vec!["hearth.home.>".into()],
+        ..Default::default()
+    };
+    js.create_or_update_stream(config).await.unwrap();
+    for name in ["HEARTH_EVENTS", "BENCH_NATS_MQTT"] {
+        js.get_stream(name).await.unwrap().purge().await.unwrap();
+    }
+}
+
+/// Publishes stored events' worth of bytes straight into JetStream with
+/// many acks in flight, as fast as one process can.
+async fn raw_jetstream(js: &jetstream::Context, window: Duration) -> f64 {
+    // About the size of a stored JSON event.
+    let payload = Bytes::from(vec![b'x'; 320]);
+    let acked = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tx, mut rx) = tokio::sync::mpsc::channel(4096);
+    let counter = {
+        let acked = Arc::clone(&acked);
+        tokio::spawn(async move {
+            while let Some(ack) = rx.recv().await {
+                let ack: jetstream::context::PublishAckFuture = ack;
+                if ack.await.is_ok() {
+                    acked.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    let publisher = {
+        let js = js.clone();
+        let stop = Arc::clone(&stop);
+        tokio::spawn(async move {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let subject = format!("hearth.evt.home.lab.illuminance.meter{}", i % 50);
+                let ack = js.publish(subject, payload.clone()).await.unwrap();
+                if tx.send(ack).await.is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    let rate = measure(&acked, window).await;
+    stop.store(true, Ordering::Relaxed);
+    publisher.await.unwrap();
+    counter.await.unwrap();
+    rate
+}
+
+/// `connections` rumqttc clients publishing QoS 1 as fast as their windows
+/// allow; the rate of PUBACKs they receive.
+async fn mqtt_load(port: u16, connections: usize, window: Duration, prefix: &str) -> f64 {
+    let acked = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for c in 0..connections {
+        let mut options = rumqttc::MqttOptions::new(
+            format!("{prefix}-{c}-{}", uuid::Uuid::now_v7()),
+            "127.0.0.1",
+            port,
+        );
+        options.set_inflight(INFLIGHT);
+        options.set_keep_alive(Duration::from_secs(30));
+        options.set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut eventloop) = rumqttc::AsyncClient::new(options, usize::from(INFLIGHT));
+        let acked = Arc::clone(&acked);
+        let stop_loop = Arc::clone(&stop);
+        tasks.push(tokio::spawn(async move {
+            while !stop_loop.load(Ordering::Relaxed) {
+                match eventloop.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => {
+                        acked.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(_) => {}
+                    Err(error) => panic!("benchmark client failed: {error}"),
+                }
+            }
+        }));
+        let stop_pub = Arc::clone(&stop);
+        tasks.push(tokio::spawn(async move {
+            let mut lux = 0u32;
+            while !stop_pub.load(Ordering::Relaxed) {
+                lux = (lux + 1) % 100_000;
+                let payload = format!(r#"{{"lux":{lux}}}"#);
+                if client
+                    .publish(TOPIC, rumqttc::QoS::AtLeastOnce, false, payload)
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        }));
+    }
+    let rate = measure(&acked, window).await;
+    stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        task.abort();
+    }
+    rate
+}
+
+/// Rate of `counter` over `window`, after a one-second warm-up.
+async fn measure(counter: &AtomicU64, window: Duration) -> f64 {
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let start_count = counter.load(Ordering::Relaxed);
+    let start = Instant::now();
+    tokio::time::sleep(window).await;
+    let count = counter.load(Ordering::Relaxed) - start_count;
+    count as f64 / start.elapsed().as_secs_f64()
+}

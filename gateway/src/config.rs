@@ -1,0 +1,453 @@
+//! The gateway's configuration: typed, with every default in one place, read
+//! from a TOML file (`--config`) and overridden by `HEARTH_*` environment
+//! variables and command-line flags (flag > environment > file > default).
+//! It is validated once at start; errors name the key and say what is wrong.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use hearth_proto::Encoding;
+use serde::Deserialize;
+
+use crate::conventions::ConventionsConfig;
+
+/// The whole configuration, as the TOML file spells it.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub nats: NatsConfig,
+    pub mqtt: MqttConfig,
+    pub http: HttpConfig,
+    pub storage: StorageConfig,
+    pub conventions: ConventionsConfig,
+}
+
+/// How the gateway reaches NATS.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsConfig {
+    /// The NATS server(s), e.g. `nats://10.0.0.2:4222` (comma-separated for a
+    /// cluster). When absent the gateway runs its own nats-server (embedded).
+    pub url: Option<String>,
+    /// A NATS credentials file (JWT + nkey), e.g. from `nsc`.
+    pub creds: Option<PathBuf>,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub token: Option<String>,
+    /// CA certificate (PEM) to verify the NATS server; implies TLS.
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate and key (PEM) for mutual TLS with NATS.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// The embedded nats-server binary (only without `url`).
+    pub server_binary: PathBuf,
+    /// Where the embedded nats-server listens (only without `url`).
+    pub embedded_listen: SocketAddr,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            creds: None,
+            user: None,
+            password: None,
+            token: None,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+            server_binary: PathBuf::from("nats-server"),
+            embedded_listen: SocketAddr::from(([127, 0, 0, 1], 4222)),
+        }
+    }
+}
+
+/// The MQTT server devices connect to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// Address of the MQTT listener.
+    pub listen: SocketAddr,
+    /// Connections beyond this wait in the kernel's accept queue.
+    pub max_connections: usize,
+    /// Largest MQTT packet accepted, in bytes; a larger one closes the connection.
+    pub max_packet_size: usize,
+    /// Publishes per connection that may await storage at once. A device that
+    /// sends more than this without waiting for its PUBACKs is no longer read
+    /// from until some are stored. Must be at least the devices' own inflight
+    /// window (mosquitto: 20, rumqttc: 100).
+    pub max_inflight: usize,
+    /// How long a new connection has to send CONNECT.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
+            max_connections: 20_000,
+            max_packet_size: 256 * 1024,
+            max_inflight: 1024,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The HTTP endpoint (`/healthz`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9880)),
+        }
+    }
+}
+
+/// The JetStream streams and how events are stored in them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// `json` (proto3 JSON mapping, readable in `nats stream view`) or `protobuf`.
+    #[serde(deserialize_with = "deserialize_encoding")]
+    pub encoding: Encoding,
+    /// Stream replicas; 3 on a three-node cluster, 1 on a single server.
+    pub replicas: usize,
+    /// How long JetStream remembers a `Nats-Msg-Id`: a device's retransmission
+    /// arriving later than this after the original is stored again.
+    #[serde(with = "humantime_serde")]
+    pub duplicate_window: Duration,
+    pub events: RetentionConfig,
+    pub commands: RetentionConfig,
+    pub dlq: RetentionConfig,
+    /// Where the embedded nats-server keeps its data.
+    pub data_dir: PathBuf,
+}
+
+/// Limits of one stream; the oldest messages go first.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    pub max_bytes: bytesize::ByteSize,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        // Sized for a Raspberry Pi's SD card: about 1.3 GiB in all.
+        Self {
+            encoding: Encoding::Json,
+            replicas: 1,
+            duplicate_window: Duration::from_secs(120),
+            events: RetentionConfig {
+                max_age: Duration::from_secs(30 * 24 * 3600),
+                max_bytes: bytesize::ByteSize::gib(1),
+            },
+            commands: RetentionConfig {
+                max_age: Duration::from_secs(7 * 24 * 3600),
+                max_bytes: bytesize::ByteSize::mib(128),
+            },
+            dlq: RetentionConfig {
+                max_age: Duration::from_secs(30 * 24 * 3600),
+                max_bytes: bytesize::ByteSize::mib(256),
+            },
+            data_dir: default_data_dir(),
+        }
+    }
+}
+
+fn deserialize_encoding<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Encoding, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse().map_err(serde::de::Error::custom)
+}
+
+/// `/var/lib/hearth` for root (a system service), else the XDG data directory.
+fn default_data_dir() -> PathBuf {
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    let is_root = home.as_deref() == Some(Path::new("/root"));
+    match (std::env::var_os("XDG_DATA_HOME"), home) {
+        _ if is_root => PathBuf::from("/var/lib/hearth"),
+        (Some(xdg), _) => PathBuf::from(xdg).join("hearth"),
+        (None, Some(home)) => home.join(".local/share/hearth"),
+        (None, None) => PathBuf::from("/var/lib/hearth"),
+    }
+}
+
+/// hearth-gateway: MQTT devices in, validated events stored in NATS JetStream.
+///
+/// Devices connect to the MQTT listener; every publish is decoded by a payload
+/// convention (native `hearth/<home>/<room>/<device>/<kind>` or Zigbee2MQTT),
+/// stored in the HEARTH_EVENTS stream, and only then acknowledged. Anything
+/// that cannot become an event is kept in HEARTH_DLQ with the reason.
+///
+/// Without --nats-url the gateway runs its own nats-server (found on PATH) with
+/// JetStream, listening on loopback, with its data under --data-dir.
+///
+/// Every option can also be set in the --config file (TOML, same names in
+/// sections) or as a HEARTH_* environment variable; flags win over the
+/// environment, which wins over the file.
+#[derive(Debug, Parser, Default)]
+#[command(name = "hearth-gateway", version, about, long_about)]
+pub struct Cli {
+    /// TOML configuration file (see the README for every key).
+    #[arg(long, env = "HEARTH_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// NATS server URL(s), comma-separated [default: run an embedded nats-server]
+    #[arg(long, env = "HEARTH_NATS_URL", value_name = "URL")]
+    pub nats_url: Option<String>,
+    /// NATS credentials file (JWT and nkey seed).
+    #[arg(long, env = "HEARTH_NATS_CREDS", value_name = "FILE")]
+    pub nats_creds: Option<PathBuf>,
+    /// NATS user name (with --nats-password).
+    #[arg(long, env = "HEARTH_NATS_USER")]
+    pub nats_user: Option<String>,
+    /// NATS password.
+    #[arg(long, env = "HEARTH_NATS_PASSWORD", hide_env_values = true)]
+    pub nats_password: Option<String>,
+    /// NATS authentication token.
+    #[arg(long, env = "HEARTH_NATS_TOKEN", hide_env_values = true)]
+    pub nats_token: Option<String>,
+    /// CA certificate (PEM) to verify the NATS server; turns TLS on.
+    #[arg(long, env = "HEARTH_NATS_TLS_CA", value_name = "FILE")]
+    pub nats_tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS with NATS (with --nats-tls-key).
+    #[arg(long, env = "HEARTH_NATS_TLS_CERT", value_name = "FILE")]
+    pub nats_tls_cert: Option<PathBuf>,
+    /// Client key (PEM) for mutual TLS with NATS.
+    #[arg(long, env = "HEARTH_NATS_TLS_KEY", value_name = "FILE")]
+    pub nats_tls_key: Option<PathBuf>,
+    /// The nats-server binary to run when no --nats-url is given [default: nats-server]
+    #[arg(long, env = "HEARTH_NATS_SERVER", value_name = "PATH")]
+    pub nats_server: Option<PathBuf>,
+
+    /// Address of the MQTT listener devices connect to [default: 0.0.0.0:1883]
+    #[arg(long, env = "HEARTH_MQTT_LISTEN", value_name = "ADDR")]
+    pub mqtt_listen: Option<SocketAddr>,
+    /// Address of the HTTP endpoint serving /healthz [default: 127.0.0.1:9880]
+    #[arg(long, env = "HEARTH_HTTP_LISTEN", value_name = "ADDR")]
+    pub http_listen: Option<SocketAddr>,
+
+    /// How stored events are encoded: json (readable) or protobuf [default: json]
+    #[arg(long, env = "HEARTH_ENCODING", value_name = "ENCODING")]
+    pub encoding: Option<Encoding>,
+    /// Stream replicas (3 on a three-node NATS cluster) [default: 1]
+    #[arg(long, env = "HEARTH_REPLICAS", value_name = "N")]
+    pub replicas: Option<usize>,
+    /// Data directory of the embedded nats-server [default: /var/lib/hearth for root, else ~/.local/share/hearth]
+    #[arg(long, env = "HEARTH_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Log format: human or json.
+    #[arg(long, env = "HEARTH_LOG_FORMAT", default_value = "human", value_parser = ["human", "json"])]
+    pub log_format: String,
+}
+
+/// The configuration could not be loaded; the message says which key and why.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the configuration file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid configuration file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("invalid configuration: `{key}` {problem}")]
+    Invalid { key: &'static str, problem: String },
+}
+
+impl Config {
+    /// The file named by `--config` (if any) with the flags and environment
+    /// variables on top, validated.
+    pub fn load(cli: &Cli) -> Result<Self, ConfigError> {
+        let mut config = match &cli.config {
+            Some(path) => Self::from_file(path)?,
+            None => Self::default(),
+        };
+        config.apply(cli);
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })
+    }
+
+    fn apply(&mut self, cli: &Cli) {
+        fn set<T: Clone>(target: &mut T, value: &Option<T>) {
+            if let Some(value) = value {
+                *target = value.clone();
+            }
+        }
+        fn set_opt<T: Clone>(target: &mut Option<T>, value: &Option<T>) {
+            if value.is_some() {
+                target.clone_from(value);
+            }
+        }
+        set_opt(&mut self.nats.url, &cli.nats_url);
+        set_opt(&mut self.nats.creds, &cli.nats_creds);
+        set_opt(&mut self.nats.user, &cli.nats_user);
+        set_opt(&mut self.nats.password, &cli.nats_password);
+        set_opt(&mut self.nats.token, &cli.nats_token);
+        set_opt(&mut self.nats.tls_ca, &cli.nats_tls_ca);
+        set_opt(&mut self.nats.tls_cert, &cli.nats_tls_cert);
+        set_opt(&mut self.nats.tls_key, &cli.nats_tls_key);
+        set(&mut self.nats.server_binary, &cli.nats_server);
+        set(&mut self.mqtt.listen, &cli.mqtt_listen);
+        set(&mut self.http.listen, &cli.http_listen);
+        set(&mut self.storage.encoding, &cli.encoding);
+        set(&mut self.storage.replicas, &cli.replicas);
+        set(&mut self.storage.data_dir, &cli.data_dir);
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, problem: &str| ConfigError::Invalid {
+            key,
+            problem: problem.to_owned(),
+        };
+        if self.mqtt.max_inflight == 0 {
+            return Err(invalid("mqtt.max_inflight", "must be at least 1"));
+        }
+        if self.mqtt.max_connections == 0 {
+            return Err(invalid("mqtt.max_connections", "must be at least 1"));
+        }
+        if self.mqtt.max_packet_size < 128 {
+            return Err(invalid(
+                "mqtt.max_packet_size",
+                "must be at least 128 bytes",
+            ));
+        }
+        if !(1..=5).contains(&self.storage.replicas) {
+            return Err(invalid(
+                "storage.replicas",
+                "must be between 1 and 5 (JetStream's limit)",
+            ));
+        }
+        if self.storage.duplicate_window.is_zero() {
+            return Err(invalid(
+                "storage.duplicate_window",
+                "must be positive: it is what makes retransmissions stored once",
+            ));
+        }
+        for (key, retention) in [
+            ("storage.events.max_age", &self.storage.events),
+            ("storage.commands.max_age", &self.storage.commands),
+            ("storage.dlq.max_age", &self.storage.dlq),
+        ] {
+            if retention.max_age < self.storage.duplicate_window {
+                return Err(invalid(
+                    key,
+                    "must be at least storage.duplicate_window (JetStream requires it)",
+                ));
+            }
+        }
+        if self.nats.tls_cert.is_some() != self.nats.tls_key.is_some() {
+            return Err(invalid(
+                "nats.tls_cert",
+                "and nats.tls_key must be given together",
+            ));
+        }
+        if self.nats.user.is_some() != self.nats.password.is_some() {
+            return Err(invalid(
+                "nats.user",
+                "and nats.password must be given together",
+            ));
+        }
+        if self.nats.url.is_some() && self.nats.url.as_deref().is_some_and(str::is_empty) {
+            return Err(invalid("nats.url", "is empty"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_listen_where_documented() {
+        let config = Config::default();
+        config.validate().unwrap();
+        assert_eq!(config.mqtt.listen.to_string(), "0.0.0.0:1883");
+        assert_eq!(config.http.listen.to_string(), "127.0.0.1:9880");
+        assert_eq!(config.storage.encoding, Encoding::Json);
+        assert!(config.nats.url.is_none(), "embedded nats-server by default");
+    }
+
+    #[test]
+    fn a_file_sets_nested_keys_with_units() {
+        let config: Config = toml::from_str(
+            r#"
+            [mqtt]
+            listen = "127.0.0.1:11883"
+            [storage]
+            encoding = "protobuf"
+            duplicate_window = "5m"
+            events = { max_age = "90d", max_bytes = "8 GiB" }
+            "#,
+        )
+        .unwrap();
+        assert_eq!(config.mqtt.listen.port(), 11883);
+        assert_eq!(config.storage.encoding, Encoding::Protobuf);
+        assert_eq!(config.storage.duplicate_window, Duration::from_secs(300));
+        assert_eq!(config.storage.events.max_bytes, bytesize::ByteSize::gib(8));
+        assert_eq!(
+            config.mqtt.max_inflight, 1024,
+            "untouched keys keep defaults"
+        );
+    }
+
+    #[test]
+    fn an_unknown_key_is_an_error_naming_it() {
+        let err = toml::from_str::<Config>("[mqtt]\nlisten_addr = \"0.0.0.0:1\"\n").unwrap_err();
+        assert!(err.to_string().contains("listen_addr"), "{err}");
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let mut config: Config = toml::from_str("[storage]\nreplicas = 3\n").unwrap();
+        let cli = Cli::try_parse_from([
+            "hearth-gateway",
+            "--replicas",
+            "1",
+            "--encoding",
+            "protobuf",
+        ])
+        .unwrap();
+        config.apply(&cli);
+        assert_eq!(config.storage.replicas, 1);
+        assert_eq!(config.storage.encoding, Encoding::Protobuf);
+    }
+
+    #[test]
+    fn validation_names_the_wrong_key() {
+        let mut config = Config::default();
+        config.storage.replicas = 7;
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("storage.replicas"), "{err}");
+
+        let mut config = Config::default();
+        config.storage.dlq.max_age = Duration::from_secs(10);
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("storage.dlq.max_age"), "{err}");
+    }
+}

@@ -1,0 +1,59 @@
+//! The HTTP endpoint: `/healthz` tells whether the gateway is alive and
+//! whether it can store events right now.
+
+use std::sync::Arc;
+
+use axum::extract::State as Extract;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use crate::mqtt::Shared;
+
+#[derive(Clone)]
+pub(crate) struct State {
+    pub(crate) nats: async_nats::Client,
+    pub(crate) mqtt: Arc<Shared>,
+}
+
+#[derive(Serialize)]
+struct Health {
+    status: &'static str,
+    nats: String,
+    mqtt_clients: usize,
+    qos0_dropped: u64,
+}
+
+pub(crate) async fn serve(listener: TcpListener, state: State, shutdown: CancellationToken) {
+    let app = Router::new()
+        .route("/healthz", get(healthz))
+        .with_state(state);
+    if let Err(error) = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+    {
+        warn!(%error, "HTTP endpoint failed");
+    }
+}
+
+/// 200 while NATS is connected, 503 otherwise; the body says more.
+async fn healthz(Extract(state): Extract<State>) -> (StatusCode, Json<Health>) {
+    let connection = state.nats.connection_state();
+    let connected = matches!(connection, async_nats::connection::State::Connected);
+    let health = Health {
+        status: if connected { "ok" } else { "degraded" },
+        nats: connection.to_string(),
+        mqtt_clients: state.mqtt.registry.connected(),
+        qos0_dropped: state.mqtt.ingest.qos0_dropped(),
+    };
+    let code = if connected {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(health))
+}

@@ -1,0 +1,125 @@
+//! The streams hearth stores into, created or updated at start so that a
+//! configuration change (limits, replicas) takes effect on the next start.
+//! Names, subjects and descriptions are what users read in `nats stream ls`.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv, stream};
+
+use crate::config::{RetentionConfig, StorageConfig};
+use crate::subject;
+
+pub const EVENTS_STREAM: &str = "HEARTH_EVENTS";
+pub const COMMANDS_STREAM: &str = "HEARTH_COMMANDS";
+pub const DLQ_STREAM: &str = "HEARTH_DLQ";
+/// KV bucket of the gateway's exactly-once bookkeeping (see `dedup`).
+pub const DEDUP_BUCKET: &str = "hearth_gateway_dedup";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StreamsError {
+    #[error("cannot create or update stream {name}: {source}")]
+    Stream {
+        name: &'static str,
+        source: jetstream::context::CreateStreamError,
+    },
+    #[error("cannot open key-value bucket {name}: {source}")]
+    Bucket {
+        name: &'static str,
+        source: jetstream::context::KeyValueError,
+    },
+}
+
+/// The stream configurations, from the storage settings.
+pub fn stream_configs(storage: &StorageConfig) -> [(&'static str, stream::Config); 3] {
+    let config =
+        |name: &'static str, subjects: &str, description: &str, limits: &RetentionConfig| {
+            (
+                name,
+                stream::Config {
+                    name: name.to_owned(),
+                    description: Some(description.to_owned()),
+                    subjects: vec![subjects.to_owned()],
+                    storage: stream::StorageType::File,
+                    retention: stream::RetentionPolicy::Limits,
+                    discard: stream::DiscardPolicy::Old,
+                    max_age: limits.max_age,
+                    max_bytes: i64::try_from(limits.max_bytes.as_u64()).unwrap_or(i64::MAX),
+                    num_replicas: storage.replicas,
+                    duplicate_window: storage.duplicate_window,
+                    // Lets consumers and `nats stream get` read single messages from
+                    // any replica without going through the stream leader.
+                    allow_direct: true,
+                    // No per-subject limits: with one subject per device they would
+                    // make JetStream track every device and slow it as homes grow.
+                    ..Default::default()
+                },
+            )
+        };
+    [
+        config(
+            EVENTS_STREAM,
+            subject::EVENTS_SUBJECTS,
+            "hearth device events (hearth.v1.Event) on hearth.evt.<home>.<room>.<kind>.<device>",
+            &storage.events,
+        ),
+        config(
+            COMMANDS_STREAM,
+            subject::COMMANDS_SUBJECTS,
+            "hearth commands to devices (hearth.v1.Command) on hearth.cmd.<home>.<room>.<kind>.<device>",
+            &storage.commands,
+        ),
+        config(
+            DLQ_STREAM,
+            subject::DLQ_SUBJECTS,
+            "hearth dead letters: messages that could not be processed, original payload kept, Hearth-Reason header says why",
+            &storage.dlq,
+        ),
+    ]
+}
+
+/// Creates or updates the streams and the dedup bucket; returns the bucket.
+pub async fn ensure(
+    js: &jetstream::Context,
+    storage: &StorageConfig,
+) -> Result<kv::Store, StreamsError> {
+    for (name, config) in stream_configs(storage) {
+        js.create_or_update_stream(config)
+            .await
+            .map_err(|source| StreamsError::Stream { name, source })?;
+    }
+    // The bucket's stream is made here rather than by
+    // `create_or_update_key_value`, which first queries account limits in a
+    // shape nats-server 2.9 does not answer.
+    js.create_or_update_stream(stream::Config {
+        name: format!("KV_{DEDUP_BUCKET}"),
+        description: Some(
+            "hearth gateway: how often a device repeated an identical QoS 1/2 publish under one \
+             packet id, kept for the duplicate window (exactly-once ingest)"
+                .to_owned(),
+        ),
+        subjects: vec![format!("$KV.{DEDUP_BUCKET}.>")],
+        max_messages_per_subject: 1,
+        // Entries only matter while JetStream still remembers the message
+        // ids they disambiguate.
+        max_age: storage.duplicate_window.max(Duration::from_secs(1)),
+        max_bytes: 64 * 1024 * 1024,
+        storage: stream::StorageType::File,
+        num_replicas: storage.replicas,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: stream::DiscardPolicy::New,
+        ..Default::default()
+    })
+    .await
+    .map_err(|source| StreamsError::Stream {
+        name: "KV_hearth_gateway_dedup",
+        source,
+    })?;
+    js.get_key_value(DEDUP_BUCKET)
+        .await
+        .map_err(|source| StreamsError::Bucket {
+            name: DEDUP_BUCKET,
+            source,
+        })
+}

@@ -1,0 +1,409 @@
+//! One device connection: the CONNECT handshake, then reading packets,
+//! handing publishes to the store pipeline and acknowledging them in order as
+//! they are stored.
+//!
+//! Flow control is the device's own inflight window: the connection keeps
+//! reading (and answering PINGREQ) while fewer than `max_inflight` publishes
+//! await storage, so a slow store never turns into keep-alive timeouts. A
+//! client that sends more than that without waiting is simply not read from
+//! until storage catches up, which bounds the memory each connection holds.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures::{SinkExt, StreamExt};
+use rumqttc::mqttbytes::{self, v4, QoS};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use super::Shared;
+use crate::ingest::{Done, Pipeline, Received};
+
+/// How long a closing connection waits for publishes still being stored so
+/// that it can acknowledge them.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+type Writer = FramedWrite<OwnedWriteHalf, v4::Codec>;
+
+pub(crate) struct Connection {
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+}
+
+/// Why a connection ended, for the log line.
+#[derive(Debug)]
+enum Closed {
+    ClientDisconnected,
+    EndOfStream,
+    KeepAliveTimeout,
+    TakenOver,
+    ShuttingDown,
+    ProtocolError(String),
+    Io(String),
+}
+
+impl Connection {
+    pub(crate) fn new(
+        stream: TcpStream,
+        peer: SocketAddr,
+        shared: Arc<Shared>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            stream,
+            peer,
+            shared,
+            shutdown,
+        }
+    }
+
+    pub(crate) async fn run(self) {
+        let span = info_span!("mqtt", peer = %self.peer, client_id = tracing::field::Empty);
+        self.serve().instrument(span).await;
+    }
+
+    async fn serve(self) {
+        let config = &self.shared.config;
+        let codec = v4::Codec {
+            max_incoming_size: config.max_packet_size,
+            max_outgoing_size: config.max_packet_size,
+        };
+        let (read, write) = self.stream.into_split();
+        let mut reader = FramedRead::new(read, codec.clone());
+        let mut writer = FramedWrite::new(write, codec);
+
+        let Some(connect) = handshake(&mut reader, &mut writer, config.connect_timeout).await
+        else {
+            return;
+        };
+        let client_id: Arc<str> = if connect.client_id.is_empty() {
+            format!("hearth-{}", uuid::Uuid::now_v7().simple()).into()
+        } else {
+            connect.client_id.as_str().into()
+        };
+        tracing::Span::current().record("client_id", &*client_id);
+
+        let taken_over = CancellationToken::new();
+        let _claim = self.shared.registry.claim(&client_id, taken_over.clone());
+        // Sessions are not kept yet: each connection starts a new one, which
+        // is what `session_present = false` tells the client.
+        let connack = v4::ConnAck::new(v4::ConnectReturnCode::Success, false);
+        if writer.send(v4::Packet::ConnAck(connack)).await.is_err() {
+            return;
+        }
+        info!(
+            keep_alive = connect.keep_alive,
+            clean_session = connect.clean_session,
+            "device connected"
+        );
+
+        let mut session = Session {
+            client_id,
+            keep_alive: keep_alive_limit(connect.keep_alive),
+            inflight: 0,
+            awaiting_release: HashSet::new(),
+        };
+        let (jobs, mut done, pipeline) = Pipeline::spawn(
+            Arc::clone(&self.shared.ingest),
+            config.max_inflight,
+            tracing::Span::current(),
+        );
+        let closed = session
+            .serve(
+                &mut reader,
+                &mut writer,
+                &jobs,
+                &mut done,
+                config.max_inflight,
+                &self.shutdown,
+                &taken_over,
+            )
+            .await;
+
+        // Acknowledge what is still being stored, briefly, unless the socket
+        // is gone or another connection took over (it will get the resends).
+        drop(jobs);
+        if matches!(closed, Closed::ShuttingDown | Closed::ClientDisconnected) {
+            let deadline = Instant::now() + DRAIN_TIMEOUT;
+            while session.inflight > 0 {
+                match tokio::time::timeout_at(deadline, done.recv()).await {
+                    Ok(Some(settled)) => {
+                        if session.acknowledge(&mut writer, settled).await.is_err() {
+                            break;
+                        }
+                    }
+                    _ => break,
+                }
+            }
+            let _ = writer.flush().await;
+        }
+        pipeline.abort();
+        match closed {
+            Closed::ClientDisconnected => info!("device disconnected"),
+            Closed::ProtocolError(error) => {
+                warn!(%error, "closing connection: protocol error")
+            }
+            Closed::Io(error) => {
+                info!(%error, unacknowledged = session.inflight, "connection lost")
+            }
+            other => info!(reason = ?other, unacknowledged = session.inflight, "connection closed"),
+        }
+    }
+}
+
+/// Reads CONNECT and refuses what MQTT 3.1.1 says to refuse; `None` when the
+/// connection is to be closed.
+async fn handshake(
+    reader: &mut FramedRead<tokio::net::tcp::OwnedReadHalf, v4::Codec>,
+    writer: &mut Writer,
+    timeout: Duration,
+) -> Option<v4::Connect> {
+    let refuse = |code| v4::Packet::ConnAck(v4::ConnAck::new(code, false));
+    let first = match tokio::time::timeout(timeout, reader.next()).await {
+        Err(_) => {
+            debug!("no CONNECT in time");
+            return None;
+        }
+        Ok(None) => return None,
+        Ok(Some(packet)) => packet,
+    };
+    let connect = match first {
+        Ok(v4::Packet::Connect(connect)) => connect,
+        Err(mqttbytes::Error::InvalidProtocol | mqttbytes::Error::InvalidProtocolLevel(_)) => {
+            info!("refused: protocol version not supported (MQTT 3.1.1 only)");
+            let _ = writer
+                .send(refuse(v4::ConnectReturnCode::RefusedProtocolVersion))
+                .await;
+            return None;
+        }
+        Err(error) => {
+            warn!(%error, "closing connection: malformed CONNECT");
+            return None;
+        }
+        Ok(other) => {
+            warn!(packet = ?packet_name(&other), "closing connection: first packet must be CONNECT");
+            return None;
+        }
+    };
+    if connect.protocol != mqttbytes::Protocol::V4 {
+        info!("refused: MQTT 5 is not supported yet");
+        let _ = writer
+            .send(refuse(v4::ConnectReturnCode::RefusedProtocolVersion))
+            .await;
+        return None;
+    }
+    if connect.client_id.is_empty() && !connect.clean_session {
+        // A session cannot be resumed under an id the server made up.
+        info!("refused: empty client id with clean session = false");
+        let _ = writer
+            .send(refuse(v4::ConnectReturnCode::BadClientId))
+            .await;
+        return None;
+    }
+    Some(connect)
+}
+
+/// MQTT: the server disconnects a client silent for 1.5 times its keep-alive.
+fn keep_alive_limit(keep_alive_secs: u16) -> Option<Duration> {
+    (keep_alive_secs > 0).then(|| Duration::from_millis(u64::from(keep_alive_secs) * 1500))
+}
+
+struct Session {
+    client_id: Arc<str>,
+    keep_alive: Option<Duration>,
+    /// Publishes handed to the pipeline and not yet settled.
+    inflight: usize,
+    /// QoS 2 packet ids stored and PUBREC'd, waiting for PUBREL.
+    awaiting_release: HashSet<u16>,
+}
+
+impl Session {
+    #[allow(clippy::too_many_arguments)]
+    async fn serve(
+        &mut self,
+        reader: &mut FramedRead<tokio::net::tcp::OwnedReadHalf, v4::Codec>,
+        writer: &mut Writer,
+        jobs: &tokio::sync::mpsc::Sender<Received>,
+        done: &mut tokio::sync::mpsc::Receiver<Done>,
+        max_inflight: usize,
+        shutdown: &CancellationToken,
+        taken_over: &CancellationToken,
+    ) -> Closed {
+        let far_future = || Instant::now() + Duration::from_secs(86_400 * 365);
+        let mut deadline = self
+            .keep_alive
+            .map_or_else(far_future, |ka| Instant::now() + ka);
+        loop {
+            let reading = self.inflight < max_inflight;
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => return Closed::ShuttingDown,
+                () = taken_over.cancelled() => return Closed::TakenOver,
+                Some(settled) = done.recv() => {
+                    if let Err(error) = self.acknowledge(writer, settled).await {
+                        return Closed::Io(error.to_string());
+                    }
+                    // Acknowledge everything else already settled in one write.
+                    while let Ok(settled) = done.try_recv() {
+                        if let Err(error) = self.acknowledge(writer, settled).await {
+                            return Closed::Io(error.to_string());
+                        }
+                    }
+                    if let Err(error) = writer.flush().await {
+                        return Closed::Io(error.to_string());
+                    }
+                    if !reading {
+                        // Reading resumes now; the silence was ours, not the
+                        // client's.
+                        deadline = self.keep_alive.map_or_else(far_future, |ka| Instant::now() + ka);
+                    }
+                }
+                packet = reader.next(), if reading => {
+                    let packet = match packet {
+                        None => return Closed::EndOfStream,
+                        Some(Err(mqttbytes::Error::Io(error))) => return Closed::Io(error.to_string()),
+                        Some(Err(error)) => return Closed::ProtocolError(error.to_string()),
+                        Some(Ok(packet)) => packet,
+                    };
+                    deadline = self.keep_alive.map_or_else(far_future, |ka| Instant::now() + ka);
+                    match self.handle(packet, writer, jobs).await {
+                        Ok(None) => {}
+                        Ok(Some(closed)) => return closed,
+                        Err(error) => return Closed::Io(error.to_string()),
+                    }
+                }
+                () = tokio::time::sleep_until(deadline), if reading => return Closed::KeepAliveTimeout,
+            }
+        }
+    }
+
+    /// Handles one packet; `Some` when the connection is to close.
+    async fn handle(
+        &mut self,
+        packet: v4::Packet,
+        writer: &mut Writer,
+        jobs: &tokio::sync::mpsc::Sender<Received>,
+    ) -> Result<Option<Closed>, mqttbytes::Error> {
+        match packet {
+            v4::Packet::Publish(publish) => {
+                if !mqttbytes::valid_topic(&publish.topic) {
+                    return Ok(Some(Closed::ProtocolError(format!(
+                        "invalid topic name {:?} in PUBLISH",
+                        publish.topic
+                    ))));
+                }
+                if publish.qos == QoS::ExactlyOnce && self.awaiting_release.contains(&publish.pkid)
+                {
+                    // Already stored; the client missed our PUBREC.
+                    writer
+                        .send(v4::Packet::PubRec(v4::PubRec::new(publish.pkid)))
+                        .await?;
+                    return Ok(None);
+                }
+                let received = Received {
+                    client_id: Arc::clone(&self.client_id),
+                    topic: publish.topic,
+                    payload: publish.payload,
+                    qos: publish.qos,
+                    pkid: publish.pkid,
+                    dup: publish.dup,
+                    received_at: SystemTime::now(),
+                };
+                // Cannot be full: `inflight` is below the channel's capacity
+                // whenever a packet is read.
+                if jobs.try_send(received).is_err() {
+                    return Ok(Some(Closed::Io("store pipeline stopped".into())));
+                }
+                self.inflight += 1;
+            }
+            v4::Packet::PubRel(release) => {
+                self.awaiting_release.remove(&release.pkid);
+                writer
+                    .send(v4::Packet::PubComp(v4::PubComp::new(release.pkid)))
+                    .await?;
+            }
+            v4::Packet::PingReq => writer.send(v4::Packet::PingResp).await?,
+            v4::Packet::Disconnect => return Ok(Some(Closed::ClientDisconnected)),
+            v4::Packet::Subscribe(subscribe) => {
+                // Routing to subscribers is not built yet: refuse each filter
+                // with the failure code MQTT provides for exactly this.
+                debug!(
+                    filters = subscribe.filters.len(),
+                    "SUBSCRIBE refused: not supported yet"
+                );
+                let codes = vec![v4::SubscribeReasonCode::Failure; subscribe.filters.len()];
+                writer
+                    .send(v4::Packet::SubAck(v4::SubAck::new(subscribe.pkid, codes)))
+                    .await?;
+            }
+            v4::Packet::Unsubscribe(unsubscribe) => {
+                writer
+                    .send(v4::Packet::UnsubAck(v4::UnsubAck::new(unsubscribe.pkid)))
+                    .await?;
+            }
+            v4::Packet::Connect(_) => {
+                return Ok(Some(Closed::ProtocolError("second CONNECT".into())))
+            }
+            // The gateway sends no publishes yet, so acks from the client
+            // refer to nothing.
+            v4::Packet::PubAck(_) | v4::Packet::PubRec(_) | v4::Packet::PubComp(_) => {}
+            other => {
+                return Ok(Some(Closed::ProtocolError(format!(
+                    "{:?} is not sent by clients",
+                    packet_name(&other)
+                ))))
+            }
+        }
+        Ok(None)
+    }
+
+    /// Writes the acknowledgement of a settled publish (without flushing).
+    async fn acknowledge(
+        &mut self,
+        writer: &mut Writer,
+        settled: Done,
+    ) -> Result<(), mqttbytes::Error> {
+        self.inflight = self.inflight.saturating_sub(1);
+        match settled.qos {
+            QoS::AtMostOnce => Ok(()),
+            QoS::AtLeastOnce => {
+                writer
+                    .feed(v4::Packet::PubAck(v4::PubAck::new(settled.pkid)))
+                    .await
+            }
+            QoS::ExactlyOnce => {
+                self.awaiting_release.insert(settled.pkid);
+                writer
+                    .feed(v4::Packet::PubRec(v4::PubRec::new(settled.pkid)))
+                    .await
+            }
+        }
+    }
+}
+
+fn packet_name(packet: &v4::Packet) -> &'static str {
+    match packet {
+        v4::Packet::Connect(_) => "CONNECT",
+        v4::Packet::ConnAck(_) => "CONNACK",
+        v4::Packet::Publish(_) => "PUBLISH",
+        v4::Packet::PubAck(_) => "PUBACK",
+        v4::Packet::PubRec(_) => "PUBREC",
+        v4::Packet::PubRel(_) => "PUBREL",
+        v4::Packet::PubComp(_) => "PUBCOMP",
+        v4::Packet::Subscribe(_) => "SUBSCRIBE",
+        v4::Packet::SubAck(_) => "SUBACK",
+        v4::Packet::Unsubscribe(_) => "UNSUBSCRIBE",
+        v4::Packet::UnsubAck(_) => "UNSUBACK",
+        v4::Packet::PingReq => "PINGREQ",
+        v4::Packet::PingResp => "PINGRESP",
+        v4::Packet::Disconnect => "DISCONNECT",
+    }
+}

@@ -1,0 +1,202 @@
+//! The gateway as one service: NATS (embedded or remote), the streams, the
+//! MQTT listener and the HTTP endpoint, started together and stopped
+//! together.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::conventions::Conventions;
+use crate::embedded::{EmbeddedError, NatsServer, NatsServerConfig};
+use crate::ingest::Ingest;
+use crate::jetstream::{self as js, dedup::Generations, streams};
+use crate::{http, mqtt};
+
+/// How long a graceful stop waits for connections to acknowledge what they
+/// are still storing.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error(transparent)]
+    Embedded(#[from] EmbeddedError),
+    #[error(transparent)]
+    Connect(#[from] js::ConnectError),
+    #[error("JetStream is not ready at {url}: {source} (is JetStream enabled on that server?)")]
+    Streams {
+        url: String,
+        source: streams::StreamsError,
+    },
+    #[error("cannot listen for {what} on {addr}: {source}")]
+    Listen {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A running gateway.
+#[derive(Debug)]
+pub struct Gateway {
+    mqtt_addr: SocketAddr,
+    http_addr: SocketAddr,
+    nats_url: String,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+    connections: TaskTracker,
+    embedded: Option<NatsServer>,
+}
+
+impl Gateway {
+    /// Starts everything and returns once devices can connect.
+    pub async fn start(config: Config) -> Result<Self, GatewayError> {
+        let (nats_url, embedded) = match &config.nats.url {
+            Some(url) => (url.clone(), None),
+            None => {
+                let mut embedded = NatsServerConfig::new(config.storage.data_dir.join("nats"));
+                embedded.binary.clone_from(&config.nats.server_binary);
+                embedded.host = config.nats.embedded_listen.ip().to_string();
+                embedded.port = Some(config.nats.embedded_listen.port());
+                let server = NatsServer::start(embedded).await?;
+                (server.url(), Some(server))
+            }
+        };
+        let client = js::connect(&config.nats, &nats_url).await?;
+        let jetstream = async_nats::jetstream::context::ContextBuilder::new()
+            .timeout(Duration::from_secs(5))
+            // Connections already bound what they keep in flight; past this
+            // many unacknowledged publishes in all, publishing waits.
+            .max_ack_inflight(65_536)
+            .backpressure_on_inflight(true)
+            .build(client);
+
+        let bucket = ensure_streams(&jetstream, &config, &nats_url).await?;
+        let ingest = Arc::new(Ingest::new(
+            Conventions::new(&config.conventions),
+            jetstream.clone(),
+            config.storage.encoding,
+            Generations::new(bucket),
+        ));
+
+        let listen = |what, addr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| GatewayError::Listen { what, addr, source })
+        };
+        let mqtt_listener = listen("MQTT", config.mqtt.listen).await?;
+        let http_listener = listen("HTTP", config.http.listen).await?;
+        let mqtt_addr = local_addr(&mqtt_listener, config.mqtt.listen);
+        let http_addr = local_addr(&http_listener, config.http.listen);
+
+        let shutdown = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let connections = TaskTracker::new();
+        let shared = Arc::new(mqtt::Shared {
+            config: config.mqtt.clone(),
+            ingest: Arc::clone(&ingest),
+            registry: mqtt::Registry::default(),
+        });
+        mqtt::log_listening(&mqtt_listener);
+        tasks.spawn(
+            mqtt::Listener::new(mqtt_listener, Arc::clone(&shared))
+                .run(shutdown.clone(), connections.clone()),
+        );
+        tasks.spawn(http::serve(
+            http_listener,
+            http::State {
+                nats: jetstream.client(),
+                mqtt: shared,
+            },
+            shutdown.clone(),
+        ));
+        info!(%mqtt_addr, %http_addr, nats = %nats_url, embedded = embedded.is_some(), "hearth gateway started");
+        Ok(Self {
+            mqtt_addr,
+            http_addr,
+            nats_url,
+            shutdown,
+            tasks,
+            connections,
+            embedded,
+        })
+    }
+
+    /// Where devices connect.
+    pub fn mqtt_addr(&self) -> SocketAddr {
+        self.mqtt_addr
+    }
+
+    /// Where `/healthz` is served.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// The NATS server the gateway stores into.
+    pub fn nats_url(&self) -> &str {
+        &self.nats_url
+    }
+
+    /// Stops accepting, lets connections acknowledge what they were storing
+    /// (bounded), then stops the embedded nats-server if there is one.
+    pub async fn shutdown(mut self) {
+        self.shutdown.cancel();
+        self.tasks.close();
+        self.connections.close();
+        let drained = tokio::time::timeout(SHUTDOWN_TIMEOUT, async {
+            self.tasks.wait().await;
+            self.connections.wait().await;
+        })
+        .await;
+        if drained.is_err() {
+            warn!("connections did not finish in time; closing anyway");
+        }
+        if let Some(server) = self.embedded.as_mut() {
+            server.stop().await;
+        }
+        info!("hearth gateway stopped");
+    }
+}
+
+fn local_addr(listener: &TcpListener, configured: SocketAddr) -> SocketAddr {
+    listener.local_addr().unwrap_or(configured)
+}
+
+/// Creates or updates the streams, waiting for NATS while it is unreachable
+/// (it may still be starting, e.g. under systemd) but failing at once on a
+/// definite refusal such as a server without JetStream.
+async fn ensure_streams(
+    jetstream: &async_nats::jetstream::Context,
+    config: &Config,
+    url: &str,
+) -> Result<async_nats::jetstream::kv::Store, GatewayError> {
+    use async_nats::jetstream::context::CreateStreamErrorKind as Kind;
+    let mut attempt = 0u32;
+    loop {
+        match streams::ensure(jetstream, &config.storage).await {
+            Ok(bucket) => return Ok(bucket),
+            Err(streams::StreamsError::Stream { source, .. })
+                if matches!(source.kind(), Kind::TimedOut | Kind::EmptyStreamName)
+                    && attempt < 60 =>
+            {
+                attempt += 1;
+                if attempt == 1 || attempt % 10 == 0 {
+                    warn!(%url, error = %source, "waiting for NATS JetStream");
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(source) => {
+                return Err(GatewayError::Streams {
+                    url: url.to_owned(),
+                    source,
+                })
+            }
+        }
+    }
+}

@@ -1,0 +1,200 @@
+//! What the gateway's integration tests share: a gateway started in-process
+//! against a test nats-server, a raw MQTT client for precise protocol
+//! checks, and readers of what JetStream stored.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, message::StreamMessage};
+use futures::{SinkExt, StreamExt};
+use hearth_gateway::config::Config;
+use hearth_gateway::Gateway;
+use rumqttc::mqttbytes::v4::{self, Packet};
+use rumqttc::mqttbytes::QoS;
+use tokio::net::TcpStream;
+use tokio_util::codec::Framed;
+
+pub use hearth_test_support::TestNats;
+
+/// How long a test waits for something that should happen promptly.
+pub const PROMPTLY: Duration = Duration::from_secs(10);
+
+/// A gateway on free ports, storing into `nats`.
+pub async fn gateway(nats: &TestNats, adjust: impl FnOnce(&mut Config)) -> Gateway {
+    let mut config = Config::default();
+    config.nats.url = Some(nats.url());
+    config.mqtt.listen = "127.0.0.1:0".parse().unwrap();
+    config.http.listen = "127.0.0.1:0".parse().unwrap();
+    adjust(&mut config);
+    Gateway::start(config).await.expect("gateway starts")
+}
+
+pub async fn jetstream(nats: &TestNats) -> jetstream::Context {
+    jetstream::new(
+        async_nats::connect(nats.url())
+            .await
+            .expect("connect to NATS"),
+    )
+}
+
+/// Every message in `stream`, oldest first.
+pub async fn stored(js: &jetstream::Context, stream: &str) -> Vec<StreamMessage> {
+    let mut stream = js.get_stream(stream).await.expect("stream exists");
+    let state = stream.info().await.expect("stream info").state.clone();
+    let mut messages = Vec::new();
+    if state.messages == 0 {
+        return messages;
+    }
+    for sequence in state.first_sequence..=state.last_sequence {
+        if let Ok(message) = stream.get_raw_message(sequence).await {
+            messages.push(message);
+        }
+    }
+    messages
+}
+
+/// Waits until `stream` holds at least `count` messages, then returns all.
+pub async fn stored_at_least(
+    js: &jetstream::Context,
+    stream: &str,
+    count: u64,
+) -> Vec<StreamMessage> {
+    let deadline = tokio::time::Instant::now() + PROMPTLY;
+    loop {
+        let mut handle = js.get_stream(stream).await.expect("stream exists");
+        let messages = handle.info().await.expect("stream info").state.messages;
+        if messages >= count || tokio::time::Instant::now() > deadline {
+            return stored(js, stream).await;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub fn header<'a>(message: &'a StreamMessage, name: &str) -> Option<&'a str> {
+    message.headers.get(name).map(|value| value.as_str())
+}
+
+pub fn json(message: &StreamMessage) -> serde_json::Value {
+    serde_json::from_slice(&message.payload).expect("stored payload is JSON")
+}
+
+/// An MQTT 3.1.1 client that sends exactly the packets a test writes, for
+/// what rumqttc cannot be made to do (DUP flags, fixed packet ids, bad
+/// packets, silence).
+pub struct RawClient {
+    framed: Framed<TcpStream, v4::Codec>,
+}
+
+impl RawClient {
+    pub async fn open(addr: SocketAddr) -> Self {
+        let stream = TcpStream::connect(addr).await.expect("TCP connect");
+        let codec = v4::Codec {
+            max_incoming_size: 1 << 20,
+            max_outgoing_size: 1 << 20,
+        };
+        Self {
+            framed: Framed::new(stream, codec),
+        }
+    }
+
+    /// Connects and returns the CONNACK.
+    pub async fn connect(
+        addr: SocketAddr,
+        client_id: &str,
+        clean: bool,
+        keep_alive: u16,
+    ) -> (Self, v4::ConnAck) {
+        let mut client = Self::open(addr).await;
+        let mut connect = v4::Connect::new(client_id);
+        connect.clean_session = clean;
+        connect.keep_alive = keep_alive;
+        client.send(Packet::Connect(connect)).await;
+        match client.next().await {
+            Some(Packet::ConnAck(ack)) => (client, ack),
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    pub async fn send(&mut self, packet: Packet) {
+        self.framed.send(packet).await.expect("send packet");
+    }
+
+    pub async fn send_bytes(&mut self, bytes: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        self.framed
+            .get_mut()
+            .write_all(bytes)
+            .await
+            .expect("write bytes");
+    }
+
+    pub async fn publish(&mut self, topic: &str, payload: &[u8], qos: QoS, pkid: u16, dup: bool) {
+        let mut publish = v4::Publish::new(topic, qos, payload.to_vec());
+        publish.pkid = pkid;
+        publish.dup = dup;
+        self.send(Packet::Publish(publish)).await;
+    }
+
+    /// The next packet, or `None` when the server closed the connection or
+    /// nothing came within [`PROMPTLY`].
+    pub async fn next(&mut self) -> Option<Packet> {
+        match tokio::time::timeout(PROMPTLY, self.framed.next()).await {
+            Ok(Some(Ok(packet))) => Some(packet),
+            _ => None,
+        }
+    }
+
+    /// Waits for the PUBACK of `pkid` (failing on anything else).
+    pub async fn expect_puback(&mut self, pkid: u16) {
+        match self.next().await {
+            Some(Packet::PubAck(ack)) if ack.pkid == pkid => {}
+            other => panic!("expected PUBACK {pkid}, got {other:?}"),
+        }
+    }
+
+    /// Whether the server closed the connection within `within`.
+    pub async fn closed_within(&mut self, within: Duration) -> bool {
+        loop {
+            match tokio::time::timeout(within, self.framed.next()).await {
+                Err(_) => return false,
+                Ok(None | Some(Err(_))) => return true,
+                Ok(Some(Ok(_))) => continue,
+            }
+        }
+    }
+}
+
+/// A rumqttc client with its event loop driven in the background; returns
+/// the client and a receiver of the packet ids the server acknowledged.
+pub fn rumqttc_client(
+    addr: SocketAddr,
+    client_id: &str,
+    inflight: u16,
+) -> (
+    rumqttc::AsyncClient,
+    tokio::sync::mpsc::UnboundedReceiver<u16>,
+    tokio::task::JoinHandle<()>,
+) {
+    let mut options = rumqttc::MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
+    options.set_keep_alive(Duration::from_secs(30));
+    options.set_inflight(inflight);
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, usize::from(inflight) * 2);
+    let (acks_tx, acks) = tokio::sync::mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(ack))) => {
+                    let _ = acks_tx.send(ack.pkid);
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::debug!(%error, "test client event loop ended");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    });
+    (client, acks, task)
+}

@@ -1,0 +1,435 @@
+//! Devices publish over real MQTT to a real gateway storing into a real
+//! nats-server: what lands in JetStream, and what the device is told.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::*;
+use hearth_proto::{v1, Encoding};
+use rumqttc::mqttbytes::v4::Packet;
+use rumqttc::mqttbytes::QoS;
+
+#[tokio::test]
+async fn a_native_publish_is_stored_with_subject_headers_and_body() {
+    let nats = TestNats::start().await;
+    let gateway = gateway(&nats, |_| {}).await;
+    let js = jetstream(&nats).await;
+
+    let (mut device, ack) = RawClient::connect(gateway.mqtt_addr(), "pir-1", true, 30).await;
+    assert_eq!(ack.code, rumqttc::mqttbytes::v4::ConnectReturnCode::Success);
+    device
+        .publish(
+            "hearth/home1/kitchen/pir-1/motion",
+            br#"{"detected":true,"ts":"2026-11-23T10:00:00Z"}"#,
+            QoS::AtLeastOnce,
+            1,
+            false,
+        )
+        .await;
+    device.expect_puback(1).await;
+
+    let stored = stored(&js, "HEARTH_EVENTS").await;
+    assert_eq!(stored.len(), 1, "acknowledged means stored");
+    let message = &stored[0];
+    assert_eq!(
+        message.subject.as_str(),
+        "hearth.evt.home1.kitchen.motion.pir-1"
+    );
+    assert_eq!(header(message, "Content-Type"), Some("application/json"));
+    assert_eq!(header(message, "Hearth-Schema"), Some("hearth.v1.Event"));
+    assert_eq!(header(message, "Hearth-Kind"), Some("motion"));
+    assert!(header(message, "Nats-Msg-Id").is_some());
+
+    let event: v1::Event = Encoding::Json.decode(&message.payload).unwrap();
+    assert_eq!(header(message, "Hearth-Event-Id"), Some(event.id.as_str()));
+    assert_eq!(
+        header(message, "Hearth-Correlation-Id"),
+        Some(event.correlation_id.as_str())
+    );
+    assert_eq!(
+        uuid::Uuid::parse_str(&event.id).unwrap().get_version_num(),
+        7
+    );
+    assert_eq!(
+        (
+            event.home.as_str(),
+            event.room.as_str(),
+            event.device.as_str()
+        ),
+        ("home1", "kitchen", "pir-1")
+    );
+    assert_eq!(
+        event.body,
+        Some(v1::event::Body::Motion(v1::Motion { detected: true }))
+    );
+    assert_eq!(event.occurred_at.unwrap().seconds, 1_795_428_000);
+    assert!(event.received_at.is_some());
+    let source = event.source.unwrap();
+    assert_eq!(
+        (source.convention.as_str(), source.client_id.as_str()),
+        ("native", "pir-1")
+    );
+    gateway.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_zigbee2mqtt_report_becomes_one_event_per_field_under_escaped_names() {
+    let nats = TestNats::start().await;
+    let gateway = gateway(&nats, |_| {}).await;
+    let js = jetstream(&nats).await;
+
+    let (mut bridge, _) = RawClient::connect(gateway.mqtt_addr(), "zigbee2mqtt", true, 30).await;
+    bridge
+        .publish(
+            "zigbee2mqtt/Living Room/Lamp 2.1",
+            br#"{"state":"ON","brightness":127,"linkquality":80,"temperature":21.5}"#,
+            QoS::AtLeastOnce,
+            1,
+            false,
+        )
+        .await;
+    bridge.expect_puback(1).await;
+    // The bridge's own traffic is acknowledged but is not a device event.
+    bridge
+        .publish(
+            "zigbee2mqtt/bridge/state",
+            br#"{"state":"online"}"#,
+            QoS::AtLeastOnce,
+            2,
+            false,
+        )
+        .await;
+    bridge.expect_puback(2).await;
+
+    let stored = stored(&js, "HEARTH_EVENTS").await;
+    let subjects: Vec<&str> = stored.iter().map(|m| m.subject.as_str()).collect();
+    assert_eq!(
+        subjects,
+        [
+            "hearth.evt.home.Living%20Room.temperature.Lamp%202%2E1",
+            "hearth.evt.home.Living%20Room.light.Lamp%202%2E1",
+        ]
+    );
+    let events: Vec<v1::Event> = stored
+        .iter()
+        .map(|m| Encoding::Json.decode(&m.payload).unwrap())
+        .collect();
+    assert_eq!(
+        events[0].correlation_id, events[1].correlation_id,
+        "one publish, one correlation"
+    );
+    assert_ne!(events[0].id, events[1].id);
+    assert_eq!(events[1].room, "Living Room");
+    assert_eq!(events[1].device, "Lamp 2.1");
+    assert_eq!(
+        events[1].body,
+        Some(v1::event::Body::Light(v1::LightState {
+            on: true,
+            brightness_pct: Some(50)
+        }))
+    );
+    assert_eq!(stored_at_least(&js, "HEARTH_DLQ", 0).await.len(), 0);
+    gateway.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_publishes_are_dead_lettered_with_their_reason_and_still_acknowledged() {
+    let nats = TestNats::start().await;
+    let gateway = gateway(&nats, |_| {}).await;
+    let js = jetstream(&nats).await;
+    let (mut device, _) = RawClient::connect(gateway.mqtt_addr(), "bad-device", true, 30).await;
+
+    let cases: [(&str, &[u8], &str); 5] = [
+        ("somewhere/else", b"hello", "unknown_topic"),
+        ("hearth/h/r/d/motion", b"{not json", "bad_payload"),
+        ("hearth/h/r/d/teleport", br#"{"x":1}"#, "unknown_kind"),
+        (
+            "hearth/h/r/d/temperature",
+            br#"{"celsius":500}"#,
+            "out_of_range",
+        ),
+        (
+            "hearth/h/r/d/contact",
+            br#"{"open":"maybe"}"#,
+            "missing_field",
+        ),
+    ];
+    for (pkid, (topic, payload, _)) in (1..).zip(cases) {
+        device
+            .publish(topic, payload, QoS::AtLeastOnce, pkid, false)
+            .await;
+        device.expect_puback(pkid).await;
+    }
+
+    let letters = stored(&js, "HEARTH_DLQ").await;
+    assert_eq!(letters.len(), cases.len());
+    for (letter, (topic, payload, reason)) in letters.iter().zip(cases) {
+        assert_eq!(
+            letter.subject.as_str(),
+            format!("hearth.dlq.gateway.{reason}")
+        );
+        assert_eq!(header(letter, "Hearth-Reason"), Some(reason));
+        assert!(!header(letter, "Hearth-Detail")
+            .unwrap_or_default()
+            .is_empty());
+        assert_eq!(header(letter, "Hearth-Mqtt-Topic"), Some(topic));
+        assert_eq!(header(letter, "Hearth-Mqtt-Client-Id"), Some("bad-device"));
+        assert_eq!(&letter.payload[..], payload, "the original payload is kept");
+    }
+    assert!(stored(&js, "HEARTH_EVENTS").await.is_empty());
+    gateway.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_retransmission_is_stored_once_but_a_repeated_reading_is_stored_again() {
+    let nats = TestNats::start().await;
+    let gateway = gateway(&nats, |_| {}).await;
+    let js = jetstream(&nats).await;
+    let topic = "hearth/home/hall/door/contact";
+    let open = br#"{"open":true}"#;
+
+    let (mut door, _) = RawClient::connect(gateway.mqtt_addr(), "door", false, 30).await;
+    door.publish(topic, open, QoS::AtLeastOnce, 1, false).await;
+    door.expect_puback(1).await;
+    // The PUBACK was "lost": the device sends it again, flagged DUP.
+    door.publish(topic, open, QoS::AtLeastOnce, 1, true).await;
+    door.expect_puback(1).await;
+    assert_eq!(stored(&js, "HEARTH_EVENTS").await.len(), 1);
+
+    // The same reading again, under the same packet id, not a DUP: a new
+    // event (a deep-sleeping sensor that always starts at packet id 1).
+    door.publish(topic, open, QoS::AtLeastOnce, 1, false).await;
+    door.expect_puback(1).await;
+    assert_eq!(stored(&js, "HEARTH_EVENTS").await.len(), 2);
+    // And that one's retransmission is stored once too.
+    door.publish(topic, open, QoS::AtLeastOnce, 1, true).await;
+    door.expect_puback(1).await;
+    assert_eq!(stored(&js, "HEARTH_EVENTS").await.len(), 2);
+    drop(door);
+
+    // After a gateway restart, the retransmission is still recognised.
+    gateway.shutdown().await;
+    let gateway = common::gateway(&nats, |_| {}).await;
+    let (mut door, _) = RawClient::connect(gateway.mqtt_addr(), "door", false, 30).await;
+    door.publish(topic, open, QoS::AtLeastOnce, 1, true).await;
+    door.expect_puback(1).await;
+    assert_eq!(stored(&js, "HEARTH_EVENTS").await.len(), 2);
+    door.publish(topic, open, QoS::AtLeastOnce, 1, false).await;
+    door.expect_puback(1).await;
+    assert_eq!(stored(&js, "HEARTH_EVENTS").await.len(), 3);
+    gateway.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_qos2_publish_is_stored_exactly_once_through_the_whole_handshake() {
+    let nats = TestNats::start().await;
+    let gateway = gateway(&nats, |_| {}).await;
+    let js = jetstream(&nats).await;
+    let (mut device, _) = RawClient::connect(gateway.mqtt_addr(), "q2", true, 30).await;
+    let topic = "hearth/h/r/smoke1/smoke";
+
+    device
+        .publish(topic, br#"{"detected":true}"#, QoS::ExactlyOnce, 9, false)
+        .await;
+    assert!(matches!(device.next().await, Some(Packet::PubRec(r)) if r.pkid == 9));
+    device
+        .publish(topic, br#"{"detected":true}"#, QoS::ExactlyOnce, 9, true)
+        .await;
+    assert!(matches!(device.next().await, Some(Packet::PubRec(r)) if r.pkid == 9));
+    device
+        .send(Packet::PubRel(rumqttc::mqttbytes::v4::PubRel::new(9)))
+        .await;
+    assert!(matches!(device.next().await, Some(Packet::PubComp(c)) if c.pkid == 9));
+    assert_eq!(stored(&js, "HEARTH_EVENTS").await.len(), 1);
+    gateway.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_hundred_concurrent_devices_are_all_stored() {
+    const DEVICES: u32 = 100;
+    const EACH: u32 = 20;
+    let nats = TestNats::start().await;
+    let gateway = gateway(&nats, |_| {}).await;
+    let js = jetstream(&nats).await;
+
+    let mut devices = Vec::new();
+    for d in 0..DEVICES {
+        let addr = gateway.mqtt_addr();
+        devices.push(tokio::spawn(async move {
+            let (client, mut acks, task) = rumqttc_client(addr, &format!("lux-{d}"), 10);
+            for i in 0..EACH {
+                let payload = format!(r#"{{"lux":{}}}"#, d * EACH + i);
+                client
+                    .publish(
+                        format!("hearth/home/room{}/lux-{d}/illuminance", d % 7),
+                        rumqttc::QoS::AtLeastOnce,
+                        false,
+                        payload,
+                    )
+                    .await
+                    .unwrap();
+            }
+            for _ in 0..EACH {
+                tokio::time::timeout(PROMPTLY, acks.recv())
+                    .await
+                    .expect("PUBACK in time");
+            }
+            task.abort();
+        }));
+    }
+    for device in devices {
+        device.await.unwrap();
+    }
+    let stored = stored(&js, "HEARTH_EVENTS").await;
+    let values: BTreeSet<u64> = stored
+        .iter()
+        .map(|m| json(m)["illuminance"]["lux"].as_f64().unwrap_or(0.0) as u64)
+        .collect();
+    assert_eq!(stored.len() as u32, DEVICES * EACH);
+    assert_eq!(values, (0..u64::from(DEVICES * EACH)).collect());
+    gateway.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_nats_restart_mid_stream_loses_no_acknowledged_message_and_stores_none_twice() {
+    const TOTAL: u32 = 3000;
+    let mut nats = TestNats::start().await;
+    let gateway = gateway(&nats, |_| {}).await;
+
+    let (client, mut acks, task) = rumqttc_client(gateway.mqtt_addr(), "steady", 50);
+    let publisher = tokio::spawn(async move {
+        for i in 0..TOTAL {
+            let payload = format!(r#"{{"lux":{i}}}"#);
+            client
+                .publish(
+                    "hearth/home/lab/meter/illuminance",
+                    rumqttc::QoS::AtLeastOnce,
+                    false,
+                    payload,
+                )
+                .await
+                .unwrap();
+            if i % 100 == 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        client
+    });
+    // Let part of the stream through, then take NATS away under it.
+    let mut acked = 0u32;
+    while acked < TOTAL / 4 {
+        tokio::time::timeout(PROMPTLY, acks.recv())
+            .await
+            .expect("PUBACK")
+            .unwrap();
+        acked += 1;
+    }
+    nats.restart().await;
+    while acked < TOTAL {
+        tokio::time::timeout(Duration::from_secs(60), acks.recv())
+            .await
+            .unwrap_or_else(|_| panic!("only {acked} of {TOTAL} acknowledged after the restart"))
+            .unwrap();
+        acked += 1;
+    }
+    let _client = publisher.await.unwrap();
+    task.abort();
+
+    let js = jetstream(&nats).await;
+    let stored = stored(&js, "HEARTH_EVENTS").await;
+    let values: Vec<u64> = stored
+        .iter()
+        .map(|m| json(m)["illuminance"]["lux"].as_f64().unwrap_or(0.0) as u64)
+        .collect();
+    let distinct: BTreeSet<u64> = values.iter().copied().collect();
+    assert_eq!(
+        distinct,
+        (0..u64::from(TOTAL)).collect(),
+        "every acknowledged reading is stored"
+    );
+    assert_eq!(values.len(), distinct.len(), "and none twice");
+    gateway.shutdown().await;
+}
+
+#[tokio::test]
+async fn while_nats_is_down_publishes_wait_unacknowledged_and_pings_are_answered() {
+    let mut nats = TestNats::start().await;
+    let gateway = gateway(&nats, |_| {}).await;
+    let (mut device, _) = RawClient::connect(gateway.mqtt_addr(), "patient", true, 30).await;
+
+    nats.kill().await;
+    device
+        .publish(
+            "hearth/h/r/t1/temperature",
+            br#"{"celsius":20.5}"#,
+            QoS::AtLeastOnce,
+            1,
+            false,
+        )
+        .await;
+    device.send(Packet::PingReq).await;
+    assert!(
+        matches!(device.next().await, Some(Packet::PingResp)),
+        "PINGRESP, and no PUBACK yet"
+    );
+
+    nats.restart().await;
+    device.expect_puback(1).await;
+    let js = jetstream(&nats).await;
+    assert_eq!(stored(&js, "HEARTH_EVENTS").await.len(), 1);
+    gateway.shutdown().await;
+}
+
+#[tokio::test]
+async fn protobuf_encoding_is_chosen_by_configuration() {
+    let nats = TestNats::start().await;
+    let gateway = gateway(&nats, |config| config.storage.encoding = Encoding::Protobuf).await;
+    let js = jetstream(&nats).await;
+    let (mut device, _) = RawClient::connect(gateway.mqtt_addr(), "h1", true, 30).await;
+    device
+        .publish(
+            "hearth/h/bath/h1/humidity",
+            br#"{"percent":61}"#,
+            QoS::AtLeastOnce,
+            1,
+            false,
+        )
+        .await;
+    device.expect_puback(1).await;
+
+    let stored = stored(&js, "HEARTH_EVENTS").await;
+    assert_eq!(
+        header(&stored[0], "Content-Type"),
+        Some("application/x-protobuf")
+    );
+    let event: v1::Event = Encoding::Protobuf.decode(&stored[0].payload).unwrap();
+    assert_eq!(
+        event.body,
+        Some(v1::event::Body::Humidity(v1::Humidity { percent: 61.0 }))
+    );
+    gateway.shutdown().await;
+}
+
+#[tokio::test]
+async fn qos0_publishes_are_stored_too() {
+    let nats = TestNats::start().await;
+    let gateway = gateway(&nats, |_| {}).await;
+    let js = jetstream(&nats).await;
+    let (mut device, _) = RawClient::connect(gateway.mqtt_addr(), "q0", true, 30).await;
+    for _ in 0..3 {
+        device
+            .publish(
+                "hearth/h/r/b1/battery",
+                br#"{"percent":80}"#,
+                QoS::AtMostOnce,
+                0,
+                false,
+            )
+            .await;
+    }
+    // Identical QoS 0 readings are three readings, not duplicates.
+    assert_eq!(stored_at_least(&js, "HEARTH_EVENTS", 3).await.len(), 3);
+    gateway.shutdown().await;
+}

@@ -1,0 +1,231 @@
+//! The MQTT 3.1.1 server side, packet by packet, with a raw client.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use rumqttc::mqttbytes::v4::{self, ConnectReturnCode, Packet, SubscribeReasonCode};
+use rumqttc::mqttbytes::QoS;
+
+#[tokio::test]
+async fn an_empty_client_id_with_clean_session_is_accepted_and_without_it_refused() {
+    let nats = TestNats::start().await;
+    let gateway = gateway(&nats, |_| {}).await;
+
+    let (mut anonymous, ack) = RawClient::connect(gateway.mqtt_addr(), "", true, 30).await;
+    assert_eq!(ack.code, ConnectReturnCode::Success);
+    assert!(!ack.session_present);
+    anonymous
+        .publish(
+            "hearth/h/r/d/motion",
+            br#"{"detected":false}"#,
+            QoS::AtLeastOnce,
+            3,
+            false,
+        )
+        .await;
+    anonymous.expect_puback(3).await;
+    let js = jetstream(&nats).await;
+    let event = json(&stored(&js, "HEARTH_EVENTS").await[0]);
+    assert!(
+        event["source"]["clientId"]
+            .as_str()
+            .unwrap()
+            .starts_with("hearth-"),
+        "an assigned id is recorded: {event}"
+    );
+
+    let (mut refused, ack) = RawClient::connect(gateway.mqtt_addr(), "", false, 30).await;
+    assert_eq!(ack.code, ConnectReturnCode::BadClientId);
+    assert!(refused.closed_within(PROMPTLY).await);
+    gateway.shutdown().await;
+}
+
+#[tokio::test]
+async fn unsupported_protocol_levels_are_refused_with_the_version_code() {
+    let nats = TestNats::start().await;
+    let gateway = gateway(&nats, |_| {}).await;
+    // MQTT 3.1 ("MQIsdp", level 3) and MQTT 5 (level 5) CONNECTs, by hand.
+    let mqtt31: &[u8] = &[
+        0x10, 0x12, 0x00, 0x06, b'M', b'Q', b'I', b's', b'd', b'p', 0x03, 0x02, 0x00, 0x1e, 0x00,
+        0x04, b't', b'e', b's', b't',
+    ];
+    let mqtt5: &[u8] = &[
+        0x10, 0x11, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x05, 0x02, 0x00, 0x1e, 0x00, 0x00, 0x04,
+        b't', b'e', b's', b't',
+    ];
+    for connect in [mqtt31, mqtt5] {
+        let mut client = RawClient::open(gateway.mqtt_addr()).await;
+        client.send_bytes(connect).await;
+        match client.next().await {
+            Some(Packet::ConnAck(ack)) => {
+                assert_eq!(ack.code, ConnectReturnCode::RefusedProtocolVersion)
+            }
+            other => panic!("expected CONNACK 0x01, got {other:?}"),
+        }
+        assert!(client.closed_within(PROMPTLY).await);
+    }
+    gateway.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_silent_client_is_disconnected_after_one_and_a_half_keep_alives() {
+    let nats = TestNats::start().await;
+    let gateway = gateway(&nats, |_| {}).await;
+    let (mut quiet, _) = RawClient::connect(gateway.mqtt_addr(), "quiet", true, 1).await;
+    let (mut chatty, _) = RawClient::connect(gateway.mqtt_addr(), "chatty", true, 1).await;
+    let started = Instant::now();
+    // The chatty one pings every 800 ms and stays; the quiet one goes.
+    let pinger = tokio::spawn(async move {
+        for _ in 0..4 {
+            tokio::time::sleep(Duration::from_millis(800)).await;
+            chatty.send(Packet::PingReq).await;
+            assert!(matches!(chatty.next().await, Some(Packet::PingResp)));
+        }
+    });
+    assert!(quiet.closed_within(Duration::from_secs(5)).await);
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(1400),
+        "not before 1.5 x keep-alive: {elapsed:?}"
+    );
+    pinger.await.expect("the pinging client stays connected");
+    gateway.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_second_connection_with_the_same_client_id_takes_over() {
+    let nats = TestNats::start().await;
+    let gateway = gateway(&nats, |_| {}).await;
+    let (mut first, _) = RawClient::connect(gateway.mqtt_addr(), "twin", true, 30).await;
+    let (mut second, ack) = RawClient::connect(gateway.mqtt_addr(), "twin", true, 30).await;
+    assert_eq!(ack.code, ConnectReturnCode::Success);
+    assert!(
+        first.closed_within(PROMPTLY).await,
+        "the old connection is closed"
+    );
+    second.send(Packet::PingReq).await;
+    assert!(matches!(second.next().await, Some(Packet::PingResp)));
+    gateway.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_malformed_packet_closes_only_its_own_connection() {
+    let nats = TestNats::start().await;
+    let gateway = gateway(&nats, |_| {}).await;
+    let (mut good, _) = RawClient::connect(gateway.mqtt_addr(), "good", true, 30).await;
+    let (mut bad, _) = RawClient::connect(gateway.mqtt_addr(), "bad", true, 30).await;
+
+    // A QoS 1 PUBLISH whose packet id is 0 is malformed.
+    bad.send_bytes(&[0x32, 0x05, 0x00, 0x01, b't', 0x00, 0x00])
+        .await;
+    assert!(bad.closed_within(PROMPTLY).await);
+
+    // So is garbage in place of a first packet.
+    let mut garbage = RawClient::open(gateway.mqtt_addr()).await;
+    garbage.send_bytes(&[0xff; 16]).await;
+    assert!(garbage.closed_within(PROMPTLY).await);
+
+    good.publish(
+        "hearth/h/r/d/tamper",
+        br#"{"detected":true}"#,
+        QoS::AtLeastOnce,
+        1,
+        false,
+    )
+    .await;
+    good.expect_puback(1).await;
+    gateway.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_packet_over_the_size_limit_closes_the_connection() {
+    let nats = TestNats::start().await;
+    let gateway = gateway(&nats, |config| config.mqtt.max_packet_size = 1024).await;
+    let (mut device, _) = RawClient::connect(gateway.mqtt_addr(), "big", true, 30).await;
+    device
+        .publish(
+            "hearth/h/r/d/button",
+            &vec![b'x'; 4096],
+            QoS::AtLeastOnce,
+            1,
+            false,
+        )
+        .await;
+    assert!(device.closed_within(PROMPTLY).await);
+    let js = jetstream(&nats).await;
+    assert!(stored(&js, "HEARTH_EVENTS").await.is_empty());
+    assert!(stored(&js, "HEARTH_DLQ").await.is_empty());
+    gateway.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_first_packet_must_be_connect() {
+    let nats = TestNats::start().await;
+    let gateway = gateway(&nats, |_| {}).await;
+    let mut client = RawClient::open(gateway.mqtt_addr()).await;
+    client.send(Packet::PingReq).await;
+    assert!(client.closed_within(PROMPTLY).await);
+    gateway.shutdown().await;
+}
+
+#[tokio::test]
+async fn subscriptions_are_refused_with_the_failure_code_until_routing_exists() {
+    let nats = TestNats::start().await;
+    let gateway = gateway(&nats, |_| {}).await;
+    let (mut app, _) = RawClient::connect(gateway.mqtt_addr(), "app", true, 30).await;
+    let subscribe = v4::Subscribe::new_many([
+        v4::SubscribeFilter::new("hearth/#".into(), QoS::AtLeastOnce),
+        v4::SubscribeFilter::new("zigbee2mqtt/+".into(), QoS::AtMostOnce),
+    ]);
+    let mut subscribe = subscribe;
+    subscribe.pkid = 4;
+    app.send(Packet::Subscribe(subscribe)).await;
+    match app.next().await {
+        Some(Packet::SubAck(ack)) => {
+            assert_eq!(ack.pkid, 4);
+            assert_eq!(
+                ack.return_codes,
+                [SubscribeReasonCode::Failure, SubscribeReasonCode::Failure]
+            );
+        }
+        other => panic!("expected SUBACK, got {other:?}"),
+    }
+    gateway.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_wildcard_in_a_published_topic_is_a_protocol_error() {
+    let nats = TestNats::start().await;
+    let gateway = gateway(&nats, |_| {}).await;
+    let (mut device, _) = RawClient::connect(gateway.mqtt_addr(), "wild", true, 30).await;
+    device
+        .publish("hearth/+/r/d/motion", b"{}", QoS::AtLeastOnce, 1, false)
+        .await;
+    assert!(device.closed_within(PROMPTLY).await);
+    gateway.shutdown().await;
+}
+
+#[tokio::test]
+async fn publishes_in_flight_at_a_graceful_disconnect_are_still_stored() {
+    let nats = TestNats::start().await;
+    let gateway = gateway(&nats, |_| {}).await;
+    let js = jetstream(&nats).await;
+    let (mut device, _) = RawClient::connect(gateway.mqtt_addr(), "brief", true, 30).await;
+    for pkid in 1..=20u16 {
+        let payload = format!(r#"{{"celsius":{}}}"#, pkid);
+        device
+            .publish(
+                "hearth/h/r/t/temperature",
+                payload.as_bytes(),
+                QoS::AtLeastOnce,
+                pkid,
+                false,
+            )
+            .await;
+    }
+    device.send(Packet::Disconnect).await;
+    assert_eq!(stored_at_least(&js, "HEARTH_EVENTS", 20).await.len(), 20);
+    gateway.shutdown().await;
+}
