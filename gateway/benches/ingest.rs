@@ -10,6 +10,8 @@
 //! measured for `HEARTH_BENCH_SECS` seconds (default 5) after a one-second
 //! warm-up, against every nats-server named in `HEARTH_BENCH_SERVERS`
 //! (colon-separated paths; default: `$HEARTH_NATS_SERVER` or `nats-server`).
+//! `HEARTH_BENCH_ONLY` measures a single figure (`raw`, `gateway-1`,
+//! `gateway-50`, `nats-mqtt-1`, `nats-mqtt-50`), e.g. under a profiler.
 //! Everything runs on this machine: the load, the gateway and nats-server
 //! share its cores, as on a Raspberry Pi that hosts them all.
 
@@ -23,8 +25,12 @@ use hearth_gateway::config::Config;
 use hearth_gateway::Gateway;
 use hearth_test_support::{free_port, TestNats};
 
-/// rumqttc's default inflight window; the gateway reads up to its own
-/// `mqtt.max_inflight` (1024) per connection.
+/// The same allocator as the `hearth-gateway` binary.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Each client's inflight window (rumqttc's default); the gateway reads up
+/// to its own `mqtt.max_inflight` (1024) per connection.
 const INFLIGHT: u16 = 100;
 const TOPIC: &str = "hearth/home/lab/meter/illuminance";
 
@@ -50,8 +56,11 @@ async fn main() {
         .filter(|s| !s.is_empty())
         .map(str::to_owned)
         .collect();
+    // One figure only, e.g. for profiling: raw, gateway-1, gateway-50,
+    // nats-mqtt-1 or nats-mqtt-50.
+    let only = std::env::var("HEARTH_BENCH_ONLY").unwrap_or_default();
 
-    println!("hearth ingest benchmark: {secs} s per figure, QoS 1, rumqttc clients with inflight {INFLIGHT}");
+    println!("hearth ingest benchmark: {secs} s per figure, QoS 1, clients with an inflight window of {INFLIGHT}");
     for server in servers {
         let mqtt_port = free_port();
         let nats = TestNats::start_with(|config| {
@@ -69,16 +78,28 @@ async fn main() {
         let gateway = Gateway::start(config).await.expect("gateway starts");
         let js = jetstream::new(async_nats::connect(nats.url()).await.unwrap());
 
-        let raw = raw_jetstream(&js, window).await;
+        let wanted = |figure: &str| only.is_empty() || only == figure;
+        let raw = if wanted("raw") {
+            raw_jetstream(&js, window).await
+        } else {
+            f64::NAN
+        };
         println!(
             "  raw JetStream publish (async-nats, 1 process):  {raw:>9.0} msg/s  (the ceiling)"
         );
         for connections in [1, 50] {
             purge(&js).await;
-            let through_gateway =
-                mqtt_load(gateway.mqtt_addr().port(), connections, window, "gw").await;
+            let through_gateway = if wanted(&format!("gateway-{connections}")) {
+                mqtt_load(gateway.mqtt_addr().port(), connections, window, "gw").await
+            } else {
+                f64::NAN
+            };
             purge(&js).await;
-            let through_nats_mqtt = mqtt_load(mqtt_port, connections, window, "nm").await;
+            let through_nats_mqtt = if wanted(&format!("nats-mqtt-{connections}")) {
+                mqtt_load(mqtt_port, connections, window, "nm").await
+            } else {
+                f64::NAN
+            };
             println!(
                 "  {connections:>2} connection(s): gateway {through_gateway:>9.0} msg/s ({:>3.0}% of raw) | nats-server MQTT {through_nats_mqtt:>9.0} msg/s | gateway/nats-mqtt {:.2}x",
                 100.0 * through_gateway / raw,
@@ -144,47 +165,74 @@ async fn raw_jetstream(js: &jetstream::Context, window: Duration) -> f64 {
     rate
 }
 
-/// `connections` rumqttc clients publishing QoS 1 as fast as their windows
-/// allow; the rate of PUBACKs they receive.
+/// `connections` MQTT clients publishing QoS 1 as fast as their inflight
+/// windows allow; the rate of PUBACKs they receive. The client is a lean
+/// one on rumqttc's codec (a writer filling the window, a reader counting
+/// acks), so that the figures measure the servers, not the load generator.
 async fn mqtt_load(port: u16, connections: usize, window: Duration, prefix: &str) -> f64 {
+    use futures::{SinkExt, StreamExt};
+    use rumqttc::mqttbytes::v4::{self, Packet};
+    use tokio_util::codec::{FramedRead, FramedWrite};
+
     let acked = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     for c in 0..connections {
-        let mut options = rumqttc::MqttOptions::new(
-            format!("{prefix}-{c}-{}", uuid::Uuid::now_v7()),
-            "127.0.0.1",
-            port,
-        );
-        options.set_inflight(INFLIGHT);
-        options.set_keep_alive(Duration::from_secs(30));
-        options.set_max_packet_size(1 << 20, 1 << 20);
-        let (client, mut eventloop) = rumqttc::AsyncClient::new(options, usize::from(INFLIGHT));
+        let codec = v4::Codec {
+            max_incoming_size: 1 << 20,
+            max_outgoing_size: 1 << 20,
+        };
+        let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        stream.set_nodelay(true).unwrap();
+        let (read, write) = stream.into_split();
+        let mut reader = FramedRead::new(read, codec.clone());
+        let mut writer = FramedWrite::new(write, codec);
+        let mut connect = v4::Connect::new(format!("{prefix}-{c}-{}", uuid::Uuid::now_v7()));
+        connect.keep_alive = 60;
+        writer.send(Packet::Connect(connect)).await.unwrap();
+        match reader.next().await {
+            Some(Ok(Packet::ConnAck(ack))) if ack.code == v4::ConnectReturnCode::Success => {}
+            other => panic!("benchmark client not accepted: {other:?}"),
+        }
+        let window_permits = Arc::new(tokio::sync::Semaphore::new(usize::from(INFLIGHT)));
         let acked = Arc::clone(&acked);
-        let stop_loop = Arc::clone(&stop);
+        let permits = Arc::clone(&window_permits);
         tasks.push(tokio::spawn(async move {
-            while !stop_loop.load(Ordering::Relaxed) {
-                match eventloop.poll().await {
-                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => {
-                        acked.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok(_) => {}
-                    Err(error) => panic!("benchmark client failed: {error}"),
+            while let Some(Ok(packet)) = reader.next().await {
+                if let Packet::PubAck(_) = packet {
+                    acked.fetch_add(1, Ordering::Relaxed);
+                    permits.add_permits(1);
                 }
             }
         }));
-        let stop_pub = Arc::clone(&stop);
+        let stop = Arc::clone(&stop);
         tasks.push(tokio::spawn(async move {
+            let mut pkid = 0u16;
             let mut lux = 0u32;
-            while !stop_pub.load(Ordering::Relaxed) {
+            while !stop.load(Ordering::Relaxed) {
+                let permit = match window_permits.try_acquire() {
+                    Ok(permit) => permit,
+                    Err(_) => {
+                        // Window full: push out what is buffered, then wait.
+                        if writer.flush().await.is_err() {
+                            return;
+                        }
+                        window_permits.acquire().await.unwrap()
+                    }
+                };
+                permit.forget();
+                pkid = pkid % u16::MAX + 1;
                 lux = (lux + 1) % 100_000;
-                let payload = format!(r#"{{"lux":{lux}}}"#);
-                if client
-                    .publish(TOPIC, rumqttc::QoS::AtLeastOnce, false, payload)
-                    .await
-                    .is_err()
-                {
-                    break;
+                let mut publish = v4::Publish::new(
+                    TOPIC,
+                    rumqttc::mqttbytes::QoS::AtLeastOnce,
+                    format!(r#"{{"lux":{lux}}}"#),
+                );
+                publish.pkid = pkid;
+                if writer.feed(Packet::Publish(publish)).await.is_err() {
+                    return;
                 }
             }
         }));

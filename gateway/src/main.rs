@@ -9,6 +9,9 @@ use hearth_gateway::config::{Cli, Config};
 use hearth_gateway::Gateway;
 use tracing_subscriber::EnvFilter;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
