@@ -372,6 +372,20 @@ impl Config {
                 "and nats.password must be given together",
             ));
         }
+        for (key, root) in [
+            ("conventions.native.prefix", &self.conventions.native.prefix),
+            (
+                "conventions.zigbee2mqtt.base_topic",
+                &self.conventions.zigbee2mqtt.base_topic,
+            ),
+        ] {
+            if root.is_empty() || root.contains(['+', '#']) || root.ends_with('/') {
+                return Err(invalid(
+                    key,
+                    "must be a non-empty MQTT topic without wildcards or a trailing `/`",
+                ));
+            }
+        }
         if self.nats.url.is_some() && self.nats.url.as_deref().is_some_and(str::is_empty) {
             return Err(invalid("nats.url", "is empty"));
         }
@@ -439,11 +453,37 @@ mod tests {
     }
 
     #[test]
+    fn the_example_file_in_deploy_is_valid_and_spells_out_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/hearth.toml");
+        let example = Config::from_file(&path).unwrap();
+        example.validate().unwrap();
+        let defaults = Config::default();
+        assert_eq!(example.mqtt.listen, defaults.mqtt.listen);
+        assert_eq!(example.mqtt.max_inflight, defaults.mqtt.max_inflight);
+        assert_eq!(example.http.listen, defaults.http.listen);
+        assert_eq!(
+            example.storage.duplicate_window,
+            defaults.storage.duplicate_window
+        );
+        assert_eq!(
+            example.storage.events.max_bytes,
+            defaults.storage.events.max_bytes
+        );
+        assert_eq!(example.storage.dlq.max_age, defaults.storage.dlq.max_age);
+        assert_eq!(example.nats.embedded_listen, defaults.nats.embedded_listen);
+    }
+
+    #[test]
     fn validation_names_the_wrong_key() {
         let mut config = Config::default();
         config.storage.replicas = 7;
         let err = config.validate().unwrap_err().to_string();
         assert!(err.contains("storage.replicas"), "{err}");
+
+        let mut config = Config::default();
+        config.conventions.zigbee2mqtt.base_topic = "z2m/#".into();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("conventions.zigbee2mqtt.base_topic"), "{err}");
 
         let mut config = Config::default();
         config.storage.dlq.max_age = Duration::from_secs(10);
