@@ -111,11 +111,19 @@ impl Connection {
             inflight: 0,
             awaiting_release: HashSet::new(),
         };
-        let (jobs, mut done, pipeline) = Pipeline::spawn(
+        let (jobs, mut done, pipeline) = match Pipeline::spawn(
             Arc::clone(&self.shared.ingest),
             config.max_inflight,
             tracing::Span::current(),
-        );
+        )
+        .await
+        {
+            Ok(pipeline) => pipeline,
+            Err(error) => {
+                warn!(%error, "closing connection: cannot subscribe for JetStream replies");
+                return;
+            }
+        };
         let closed = session
             .serve(
                 &mut reader,

@@ -1,0 +1,277 @@
+//! The store path: what happens to a publish between the socket and the
+//! PUBACK.
+//!
+//! [`Ingest::prepare`] decodes a publish with the conventions into the
+//! JetStream messages that store it (events, or one dead letter). Each
+//! connection has a [`Pipeline`] that publishes those in arrival order, many
+//! in flight, and settles each publish in arrival order once JetStream has
+//! stored all of its messages; then the connection acknowledges it.
+
+mod pipeline;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
+
+use async_nats::header::{HeaderName, NATS_MESSAGE_ID};
+use async_nats::{HeaderMap, Subject};
+use bytes::Bytes;
+use hearth_proto::{headers, v1, Encoding};
+use rumqttc::QoS;
+use tracing::{debug, warn};
+
+use crate::conventions::{Conventions, Decoded, Reading, Rejection};
+use crate::jetstream::dedup::{DedupKey, Generations};
+use crate::subject;
+
+pub(crate) use pipeline::Pipeline;
+
+/// A publish as received from a device.
+#[derive(Debug)]
+pub(crate) struct Received {
+    pub(crate) client_id: std::sync::Arc<str>,
+    pub(crate) topic: String,
+    pub(crate) payload: Bytes,
+    pub(crate) qos: QoS,
+    pub(crate) pkid: u16,
+    pub(crate) dup: bool,
+    pub(crate) received_at: SystemTime,
+}
+
+/// A publish whose fate is settled: the connection may acknowledge it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Done {
+    pub(crate) pkid: u16,
+    pub(crate) qos: QoS,
+}
+
+/// What a stored message is, for its headers.
+#[derive(Debug)]
+enum Meta {
+    Event {
+        id: String,
+        kind: &'static str,
+    },
+    DeadLetter {
+        reason: &'static str,
+        detail: String,
+    },
+}
+
+/// One message to store. Its headers are built for each publish attempt
+/// rather than kept and cloned: the common case has exactly one attempt.
+#[derive(Debug)]
+struct Outgoing {
+    subject: Subject,
+    payload: Bytes,
+    meta: Meta,
+}
+
+/// A publish turned into the messages that store it.
+#[derive(Debug)]
+struct Prepared {
+    done: Done,
+    dup: bool,
+    client_id: std::sync::Arc<str>,
+    topic: String,
+    /// Unique per received publish; tells a retry's duplicate from an older
+    /// identical publish (see `jetstream::dedup`).
+    correlation_id: String,
+    /// `None` for QoS 0, which JetStream need not deduplicate.
+    dedup: Option<DedupKey>,
+    messages: Vec<Outgoing>,
+}
+
+const CONTENT_TYPE: HeaderName = HeaderName::from_static(headers::CONTENT_TYPE);
+const SCHEMA: HeaderName = HeaderName::from_static(headers::SCHEMA);
+const EVENT_ID: HeaderName = HeaderName::from_static(headers::EVENT_ID);
+const KIND: HeaderName = HeaderName::from_static(headers::KIND);
+const CORRELATION_ID: HeaderName = HeaderName::from_static(headers::CORRELATION_ID);
+const REASON: HeaderName = HeaderName::from_static(headers::REASON);
+const DETAIL: HeaderName = HeaderName::from_static(headers::DETAIL);
+const MQTT_TOPIC: HeaderName = HeaderName::from_static(headers::MQTT_TOPIC);
+const MQTT_CLIENT_ID: HeaderName = HeaderName::from_static(headers::MQTT_CLIENT_ID);
+
+impl Prepared {
+    /// The headers of message `index` for an attempt at `generation`.
+    fn headers(&self, index: usize, generation: u32, encoding: Encoding) -> HeaderMap {
+        let message = &self.messages[index];
+        let mut map = HeaderMap::new();
+        match &message.meta {
+            Meta::Event { id, kind } => {
+                map.insert(CONTENT_TYPE, encoding.content_type());
+                map.insert(SCHEMA, v1::EVENT_SCHEMA);
+                map.insert(EVENT_ID, id.as_str());
+                map.insert(KIND, *kind);
+            }
+            Meta::DeadLetter { reason, detail } => {
+                map.insert(CONTENT_TYPE, "application/octet-stream");
+                map.insert(REASON, *reason);
+                map.insert(DETAIL, &*header_safe(detail));
+                map.insert(MQTT_TOPIC, &*header_safe(&self.topic));
+                map.insert(MQTT_CLIENT_ID, &*header_safe(&self.client_id));
+            }
+        }
+        map.insert(CORRELATION_ID, self.correlation_id.as_str());
+        if let Some(key) = &self.dedup {
+            map.insert(NATS_MESSAGE_ID, key.message_id(generation, index).as_str());
+        }
+        map
+    }
+}
+
+/// Shared by every connection: conventions, NATS, counters.
+#[derive(Debug)]
+pub(crate) struct Ingest {
+    conventions: Conventions,
+    js: async_nats::jetstream::Context,
+    encoding: Encoding,
+    generations: Generations,
+    qos0_dropped: AtomicU64,
+    qos0_dropped_logged_at: AtomicU64,
+}
+
+impl Ingest {
+    pub(crate) fn new(
+        conventions: Conventions,
+        js: async_nats::jetstream::Context,
+        encoding: Encoding,
+        generations: Generations,
+    ) -> Self {
+        Self {
+            conventions,
+            js,
+            encoding,
+            generations,
+            qos0_dropped: AtomicU64::new(0),
+            qos0_dropped_logged_at: AtomicU64::new(0),
+        }
+    }
+
+    /// QoS 0 publishes that could not be stored since start.
+    pub(crate) fn qos0_dropped(&self) -> u64 {
+        self.qos0_dropped.load(Ordering::Relaxed)
+    }
+
+    fn prepare(&self, received: Received) -> Prepared {
+        let correlation_id = uuid::Uuid::now_v7().to_string();
+        let (convention, decoded) = self.conventions.decode(&received.topic, &received.payload);
+        let messages = match decoded {
+            Ok(Decoded::Events(readings)) => readings
+                .into_iter()
+                .map(|reading| self.event(&received, convention, &correlation_id, reading))
+                .collect(),
+            Ok(Decoded::NotAnEvent(why)) => {
+                debug!(topic = %received.topic, why, "not a device event; acknowledged, not stored");
+                Vec::new()
+            }
+            Err(rejection) => vec![dead_letter(&received, &rejection)],
+        };
+        let dedup = (received.qos != QoS::AtMostOnce).then(|| {
+            DedupKey::new(
+                &received.client_id,
+                received.pkid,
+                &received.topic,
+                &received.payload,
+            )
+        });
+        Prepared {
+            done: Done {
+                pkid: received.pkid,
+                qos: received.qos,
+            },
+            dup: received.dup,
+            client_id: received.client_id,
+            topic: received.topic,
+            correlation_id,
+            dedup,
+            messages,
+        }
+    }
+
+    fn event(
+        &self,
+        received: &Received,
+        convention: &str,
+        correlation_id: &str,
+        reading: Reading,
+    ) -> Outgoing {
+        let kind = reading.body.kind();
+        let subject = subject::event_subject(&reading.home, &reading.room, kind, &reading.device);
+        let event = v1::Event {
+            id: uuid::Uuid::now_v7().to_string(),
+            correlation_id: correlation_id.to_owned(),
+            causation_id: String::new(),
+            occurred_at: reading.occurred_at,
+            received_at: Some(timestamp(received.received_at)),
+            source: Some(v1::Source {
+                convention: convention.to_owned(),
+                client_id: received.client_id.to_string(),
+                topic: received.topic.clone(),
+            }),
+            home: reading.home,
+            room: reading.room,
+            device: reading.device,
+            body: Some(reading.body),
+        };
+        debug!(event_id = %event.id, correlation_id, device = %event.device, kind, "event decoded");
+        Outgoing {
+            subject: Subject::from(subject),
+            payload: self.encoding.encode(&event),
+            meta: Meta::Event { id: event.id, kind },
+        }
+    }
+
+    fn count_qos0_drop(&self, error: &dyn std::fmt::Display) {
+        let dropped = self.qos0_dropped.fetch_add(1, Ordering::Relaxed) + 1;
+        // One line per 10 s at most: a NATS outage must not flood the log.
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let last = self.qos0_dropped_logged_at.load(Ordering::Relaxed);
+        if now >= last + 10
+            && self
+                .qos0_dropped_logged_at
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            warn!(%error, dropped_total = dropped, "QoS 0 publish could not be stored and is dropped (QoS 0 is at most once)");
+        }
+    }
+}
+
+fn timestamp(time: SystemTime) -> pbjson_types::Timestamp {
+    let since = time
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    pbjson_types::Timestamp {
+        seconds: i64::try_from(since.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(since.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+/// The dead letter for a publish no convention could turn into events: the
+/// original payload, with headers saying where it came from and why.
+fn dead_letter(received: &Received, rejection: &Rejection) -> Outgoing {
+    debug!(topic = %received.topic, reason = %rejection.reason, detail = %rejection.detail, "dead-lettered");
+    Outgoing {
+        subject: Subject::from(subject::dlq_subject(rejection.reason.as_str())),
+        payload: received.payload.clone(),
+        meta: Meta::DeadLetter {
+            reason: rejection.reason.as_str(),
+            detail: rejection.detail.clone(),
+        },
+    }
+}
+
+/// Header values cannot carry line breaks; device-chosen strings may.
+fn header_safe(value: &str) -> std::borrow::Cow<'_, str> {
+    if value.chars().any(char::is_control) {
+        value
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect::<String>()
+            .into()
+    } else {
+        value.into()
+    }
+}

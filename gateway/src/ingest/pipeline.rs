@@ -1,0 +1,407 @@
+//! The per-connection store pipeline.
+//!
+//! Publishes go to JetStream in arrival order with a reply subject of this
+//! pipeline's own (`<inbox>.<entry>.<message>`, one subscription per
+//! connection), so that an acknowledgement costs a map-free index into the
+//! queue instead of a future, a channel and a timer per message as the
+//! request API would. Entries settle strictly from the front, which keeps
+//! PUBACKs in arrival order.
+//!
+//! Failures are retried under the same message ids until JetStream stored
+//! the message: an error reply after a back-off, a missing reply after
+//! [`ACK_TIMEOUT`]. A late reply to an earlier attempt still counts, since
+//! the ids make every attempt the same message.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::{Client, StatusCode, Subscriber};
+use futures::StreamExt;
+use rumqttc::QoS;
+use serde::Deserialize;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{debug, warn, Instrument};
+
+use super::{Done, Ingest, Prepared, Received};
+
+/// How long a publish may wait for JetStream's reply before it is sent
+/// again (under the same id, so at most one copy is stored).
+const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+const RETRY_MIN: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// What JetStream answered for one message.
+#[derive(Debug)]
+enum Ack {
+    Stored {
+        sequence: u64,
+        /// The stream, kept only for duplicates (they may need reading back).
+        duplicate_in: Option<String>,
+    },
+    Failed(String),
+}
+
+/// JetStream's reply to a publish.
+#[derive(Deserialize)]
+struct ApiAck<'a> {
+    #[serde(borrow)]
+    stream: Option<&'a str>,
+    seq: Option<u64>,
+    #[serde(default)]
+    duplicate: bool,
+    error: Option<ApiError>,
+}
+
+#[derive(Deserialize)]
+struct ApiError {
+    #[serde(default)]
+    code: u16,
+    #[serde(default)]
+    description: String,
+}
+
+impl Ack {
+    fn parse(message: &async_nats::Message) -> Self {
+        if message.status == Some(StatusCode::NO_RESPONDERS) {
+            return Self::Failed("no stream answered (JetStream unavailable)".into());
+        }
+        match serde_json::from_slice::<ApiAck<'_>>(&message.payload) {
+            Ok(ApiAck {
+                error: Some(error), ..
+            }) => Self::Failed(format!(
+                "JetStream error {}: {}",
+                error.code, error.description
+            )),
+            Ok(ApiAck {
+                seq: Some(sequence),
+                stream,
+                duplicate,
+                ..
+            }) => Self::Stored {
+                sequence,
+                duplicate_in: duplicate.then(|| stream.unwrap_or_default().to_owned()),
+            },
+            _ => Self::Failed(format!(
+                "unexpected reply from JetStream: {}",
+                String::from_utf8_lossy(&message.payload)
+            )),
+        }
+    }
+}
+
+/// One publish in flight.
+struct Entry {
+    id: u64,
+    prepared: Prepared,
+    generation: u32,
+    acks: Vec<Option<Ack>>,
+    /// Messages still without a reply.
+    missing: usize,
+    /// When the messages without a reply are published again.
+    deadline: Instant,
+    backoff: Duration,
+}
+
+/// What settling the front entry came to.
+enum Settle {
+    Done,
+    /// Not yet: it was published again, or waits for its retry.
+    Again,
+}
+
+pub(crate) struct Pipeline {
+    ingest: Arc<Ingest>,
+    client: Client,
+    inbox: String,
+    replies: Subscriber,
+    queue: VecDeque<Entry>,
+    next_id: u64,
+}
+
+impl Pipeline {
+    /// Starts the pipeline task. Publishes go in through the returned sender;
+    /// settled ones come out, in the same order, through the receiver. The
+    /// task ends when the sender is dropped and everything in flight settled,
+    /// or when the receiver is dropped.
+    pub(crate) async fn spawn(
+        ingest: Arc<Ingest>,
+        capacity: usize,
+        span: tracing::Span,
+    ) -> Result<
+        (
+            mpsc::Sender<Received>,
+            mpsc::Receiver<Done>,
+            tokio::task::JoinHandle<()>,
+        ),
+        async_nats::SubscribeError,
+    > {
+        let client = ingest.js.client();
+        let inbox = client.new_inbox();
+        let replies = client.subscribe(format!("{inbox}.>")).await?;
+        let pipeline = Self {
+            ingest,
+            client,
+            inbox,
+            replies,
+            queue: VecDeque::with_capacity(capacity.min(64)),
+            next_id: 0,
+        };
+        let (jobs_tx, jobs) = mpsc::channel(capacity);
+        let (done_tx, done_rx) = mpsc::channel(capacity);
+        let task = tokio::spawn(pipeline.run(jobs, done_tx, capacity).instrument(span));
+        Ok((jobs_tx, done_rx, task))
+    }
+
+    async fn run(
+        mut self,
+        mut jobs: mpsc::Receiver<Received>,
+        done: mpsc::Sender<Done>,
+        capacity: usize,
+    ) {
+        let mut open = true;
+        loop {
+            while self.queue.front().is_some_and(|entry| entry.missing == 0) {
+                match self.settle_front().await {
+                    Settle::Done => {
+                        let Some(entry) = self.queue.pop_front() else {
+                            break;
+                        };
+                        if done.send(entry.prepared.done).await.is_err() {
+                            return;
+                        }
+                    }
+                    Settle::Again => break,
+                }
+            }
+            if !open && self.queue.is_empty() {
+                return;
+            }
+            let deadline = self.queue.front().map(|entry| entry.deadline);
+            tokio::select! {
+                biased;
+                reply = self.replies.next() => match reply {
+                    Some(reply) => self.record(&reply),
+                    None => {
+                        warn!("the NATS client closed; the store pipeline stops");
+                        return;
+                    }
+                },
+                job = jobs.recv(), if open && self.queue.len() < capacity => match job {
+                    Some(received) => self.enqueue(received).await,
+                    None => open = false,
+                },
+                () = sleep_until(deadline), if deadline.is_some() => self.resend_overdue().await,
+            }
+        }
+    }
+
+    async fn enqueue(&mut self, received: Received) {
+        let prepared = self.ingest.prepare(received);
+        let mut generation = 0;
+        if prepared.dup {
+            if let Some(key) = &prepared.dedup {
+                // A retransmission must be stored under its original's id.
+                let mut backoff = RETRY_MIN;
+                generation = loop {
+                    match self.ingest.generations.get(key).await {
+                        Ok(generation) => break generation,
+                        Err(error) => {
+                            warn!(%error, "retrying");
+                            backoff = pause(backoff).await;
+                        }
+                    }
+                };
+            }
+        }
+        let count = prepared.messages.len();
+        let mut entry = Entry {
+            id: self.next_id,
+            prepared,
+            generation,
+            acks: (0..count).map(|_| None).collect(),
+            missing: count,
+            deadline: Instant::now() + ACK_TIMEOUT,
+            backoff: RETRY_MIN,
+        };
+        self.next_id += 1;
+        self.publish(&mut entry).await;
+        self.queue.push_back(entry);
+    }
+
+    /// Publishes every message of `entry` that has no reply yet.
+    async fn publish(&self, entry: &mut Entry) {
+        let encoding = self.ingest.encoding;
+        for index in 0..entry.acks.len() {
+            if entry.acks[index].is_some() {
+                continue;
+            }
+            let message = &entry.prepared.messages[index];
+            let headers = entry.prepared.headers(index, entry.generation, encoding);
+            let reply = format!("{}.{}.{index}", self.inbox, entry.id);
+            if let Err(error) = self
+                .client
+                .publish_with_reply_and_headers(
+                    message.subject.clone(),
+                    reply,
+                    headers,
+                    message.payload.clone(),
+                )
+                .await
+            {
+                entry.acks[index] = Some(Ack::Failed(error.to_string()));
+                entry.missing -= 1;
+            }
+        }
+        entry.deadline = Instant::now() + ACK_TIMEOUT;
+    }
+
+    /// Files a reply under its entry and message.
+    fn record(&mut self, reply: &async_nats::Message) {
+        let Some((id, index)) = reply
+            .subject
+            .as_str()
+            .strip_prefix(self.inbox.as_str())
+            .and_then(|rest| rest.strip_prefix('.'))
+            .and_then(|rest| rest.split_once('.'))
+            .and_then(|(id, index)| Some((id.parse::<u64>().ok()?, index.parse::<usize>().ok()?)))
+        else {
+            return;
+        };
+        let Some(front) = self.queue.front().map(|entry| entry.id) else {
+            return;
+        };
+        // Replies for entries already settled (a late reply to an earlier
+        // attempt) fall outside the queue and are ignored.
+        let Some(entry) = id
+            .checked_sub(front)
+            .and_then(|position| usize::try_from(position).ok())
+            .and_then(|position| self.queue.get_mut(position))
+        else {
+            return;
+        };
+        if let Some(slot @ None) = entry.acks.get_mut(index) {
+            *slot = Some(Ack::parse(reply));
+            entry.missing -= 1;
+        }
+    }
+
+    /// Decides the front entry, all of whose messages have a reply.
+    async fn settle_front(&mut self) -> Settle {
+        let ingest = Arc::clone(&self.ingest);
+        let Some(entry) = self.queue.front_mut() else {
+            return Settle::Again;
+        };
+        let failure = entry.acks.iter().find_map(|ack| match ack {
+            Some(Ack::Failed(error)) => Some(error.clone()),
+            _ => None,
+        });
+        if let Some(error) = failure {
+            if entry.prepared.done.qos == QoS::AtMostOnce {
+                ingest.count_qos0_drop(&error);
+                return Settle::Done;
+            }
+            warn!(
+                %error,
+                retry_in = ?entry.backoff,
+                correlation_id = %entry.prepared.correlation_id,
+                "storing a publish failed; retrying under the same message ids"
+            );
+            for ack in &mut entry.acks {
+                if matches!(ack, Some(Ack::Failed(_))) {
+                    *ack = None;
+                    entry.missing += 1;
+                }
+            }
+            entry.deadline = Instant::now() + entry.backoff;
+            entry.backoff = (entry.backoff * 2).min(RETRY_MAX);
+            return Settle::Again;
+        }
+
+        let duplicate = entry.acks.iter().find_map(|ack| match ack {
+            Some(Ack::Stored {
+                sequence,
+                duplicate_in: Some(stream),
+            }) => Some((stream.clone(), *sequence)),
+            _ => None,
+        });
+        // A duplicate is the expected outcome for a retransmission; for a new
+        // publish it is either an earlier attempt of this one, or an older
+        // identical publish (see `jetstream::dedup`).
+        let (Some((stream, sequence)), Some(key), false) =
+            (duplicate, &entry.prepared.dedup, entry.prepared.dup)
+        else {
+            return Settle::Done;
+        };
+        match stored_correlation_id(&ingest, &stream, sequence).await {
+            Ok(Some(id)) if id == entry.prepared.correlation_id => return Settle::Done,
+            Ok(_) => {
+                entry.generation += 1;
+                debug!(
+                    generation = entry.generation,
+                    "identical repeat of an earlier publish"
+                );
+                let mut backoff = RETRY_MIN;
+                while let Err(error) = ingest.generations.record(key, entry.generation).await {
+                    warn!(%error, "retrying");
+                    backoff = pause(backoff).await;
+                }
+            }
+            Err(error) => {
+                warn!(%error, "cannot read back a duplicate; retrying");
+                pause(entry.backoff).await;
+            }
+        }
+        let count = entry.acks.len();
+        entry.acks.iter_mut().for_each(|ack| *ack = None);
+        entry.missing = count;
+        // Re-borrow through `self` for publishing.
+        let mut entry = match self.queue.pop_front() {
+            Some(entry) => entry,
+            None => return Settle::Again,
+        };
+        self.publish(&mut entry).await;
+        self.queue.push_front(entry);
+        Settle::Again
+    }
+
+    /// Publishes again whatever has waited past its deadline.
+    async fn resend_overdue(&mut self) {
+        let now = Instant::now();
+        let mut queue = std::mem::take(&mut self.queue);
+        for entry in queue
+            .iter_mut()
+            .filter(|e| e.missing > 0 && e.deadline <= now)
+        {
+            debug!(correlation_id = %entry.prepared.correlation_id, "publishing again under the same ids");
+            self.publish(entry).await;
+        }
+        self.queue = queue;
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn stored_correlation_id(
+    ingest: &Ingest,
+    stream: &str,
+    sequence: u64,
+) -> Result<Option<String>, async_nats::Error> {
+    let stream = ingest.js.get_stream_no_info(stream).await?;
+    let message = stream.get_raw_message(sequence).await?;
+    Ok(message
+        .headers
+        .get(hearth_proto::headers::CORRELATION_ID)
+        .map(|value| value.as_str().to_owned()))
+}
+
+async fn pause(backoff: Duration) -> Duration {
+    tokio::time::sleep(backoff).await;
+    (backoff * 2).min(RETRY_MAX)
+}
