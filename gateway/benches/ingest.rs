@@ -10,7 +10,7 @@
 //! measured for `HEARTH_BENCH_SECS` seconds (default 5) after a one-second
 //! warm-up, against every nats-server named in `HEARTH_BENCH_SERVERS`
 //! (colon-separated paths; default: `$HEARTH_NATS_SERVER` or `nats-server`).
-//! `HEARTH_BENCH_ONLY` measures a single figure (`raw`, `gateway-1`,
+//! `HEARTH_BENCH_ONLY` measures a single figure (`raw`, `raw-shaped`, `gateway-1`,
 //! `gateway-50`, `nats-mqtt-1`, `nats-mqtt-50`), e.g. under a profiler.
 //! Everything runs on this machine: the load, the gateway and nats-server
 //! share its cores, as on a Raspberry Pi that hosts them all.
@@ -80,13 +80,20 @@ async fn main() {
 
         let wanted = |figure: &str| only.is_empty() || only == figure;
         let raw = if wanted("raw") {
-            raw_jetstream(&js, window).await
+            raw_jetstream(&js, window, false).await
         } else {
             f64::NAN
         };
         println!(
-            "  raw JetStream publish (async-nats, 1 process):  {raw:>9.0} msg/s  (the ceiling)"
+            "  raw JetStream publish, bare 320 B payloads:        {raw:>9.0} msg/s  (the ceiling)"
         );
+        purge(&js).await;
+        let shaped = if wanted("raw-shaped") {
+            raw_jetstream(&js, window, true).await
+        } else {
+            f64::NAN
+        };
+        println!("  raw JetStream publish, gateway-shaped messages:    {shaped:>9.0} msg/s  (JSON event, 6 headers, Nats-Msg-Id)");
         for connections in [1, 50] {
             purge(&js).await;
             let through_gateway = if wanted(&format!("gateway-{connections}")) {
@@ -101,8 +108,9 @@ async fn main() {
                 f64::NAN
             };
             println!(
-                "  {connections:>2} connection(s): gateway {through_gateway:>9.0} msg/s ({:>3.0}% of raw) | nats-server MQTT {through_nats_mqtt:>9.0} msg/s | gateway/nats-mqtt {:.2}x",
+                "  {connections:>2} connection(s): gateway {through_gateway:>7.0} msg/s ({:>3.0}% of bare, {:>3.0}% of shaped) | nats-server MQTT {through_nats_mqtt:>7.0} msg/s | gateway/nats-mqtt {:.2}x",
                 100.0 * through_gateway / raw,
+                100.0 * through_gateway / shaped,
                 through_gateway / through_nats_mqtt
             );
         }
@@ -124,11 +132,42 @@ async fn purge(js: &jetstream::Context) {
     }
 }
 
-/// Publishes stored events' worth of bytes straight into JetStream with
-/// many acks in flight, as fast as one process can.
-async fn raw_jetstream(js: &jetstream::Context, window: Duration) -> f64 {
-    // About the size of a stored JSON event.
-    let payload = Bytes::from(vec![b'x'; 320]);
+/// Publishes straight into JetStream with many acks in flight, as fast as
+/// one process can: bare 320-byte payloads, or (`shaped`) messages shaped
+/// like the gateway's, a JSON event with its six headers and a unique
+/// `Nats-Msg-Id`, which cost the server more to store.
+async fn raw_jetstream(js: &jetstream::Context, window: Duration, shaped: bool) -> f64 {
+    let (payload, headers) = if shaped {
+        let event = hearth_proto::v1::Event {
+            id: uuid::Uuid::now_v7().to_string(),
+            correlation_id: uuid::Uuid::now_v7().to_string(),
+            home: "home".into(),
+            room: "lab".into(),
+            device: "meter".into(),
+            received_at: Some(pbjson_types::Timestamp {
+                seconds: 1_795_428_000,
+                nanos: 1,
+            }),
+            source: Some(hearth_proto::v1::Source {
+                convention: "native".into(),
+                client_id: "gw-0-019ab0e1-0000-7000-8000-000000000000".into(),
+                topic: TOPIC.into(),
+            }),
+            body: Some(hearth_proto::v1::event::Body::Illuminance(
+                hearth_proto::v1::Illuminance { lux: 12345.0 },
+            )),
+            ..Default::default()
+        };
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Content-Type", "application/json");
+        headers.insert("Hearth-Schema", "hearth.v1.Event");
+        headers.insert("Hearth-Event-Id", event.id.as_str());
+        headers.insert("Hearth-Kind", "illuminance");
+        headers.insert("Hearth-Correlation-Id", event.correlation_id.as_str());
+        (hearth_proto::Encoding::Json.encode(&event), Some(headers))
+    } else {
+        (Bytes::from(vec![b'x'; 320]), None)
+    };
     let acked = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, mut rx) = tokio::sync::mpsc::channel(4096);
@@ -151,7 +190,16 @@ async fn raw_jetstream(js: &jetstream::Context, window: Duration) -> f64 {
             while !stop.load(Ordering::Relaxed) {
                 i += 1;
                 let subject = format!("hearth.evt.home.lab.illuminance.meter{}", i % 50);
-                let ack = js.publish(subject, payload.clone()).await.unwrap();
+                let ack = match &headers {
+                    None => js.publish(subject, payload.clone()).await.unwrap(),
+                    Some(headers) => {
+                        let mut headers = headers.clone();
+                        headers.insert("Nats-Msg-Id", format!("bench-{i}").as_str());
+                        js.publish_with_headers(subject, headers, payload.clone())
+                            .await
+                            .unwrap()
+                    }
+                };
                 if tx.send(ack).await.is_err() {
                     break;
                 }

@@ -433,3 +433,38 @@ async fn qos0_publishes_are_stored_too() {
     assert_eq!(stored_at_least(&js, "HEARTH_EVENTS", 3).await.len(), 3);
     gateway.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_qos0_publish_that_cannot_be_stored_is_counted_as_dropped() {
+    let mut nats = TestNats::start().await;
+    let gateway = gateway(&nats, |_| {}).await;
+    let (mut device, _) = RawClient::connect(gateway.mqtt_addr(), "lossy", true, 30).await;
+    nats.kill().await;
+    device
+        .publish(
+            "hearth/h/r/m/motion",
+            br#"{"detected":true}"#,
+            QoS::AtMostOnce,
+            0,
+            false,
+        )
+        .await;
+    // QoS 0 gets one attempt; after the reply timeout it is given up.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let health = http_get(gateway.http_addr(), "/healthz").await;
+        if health.contains(r#""qos0_dropped":1"#) {
+            assert!(health.starts_with("HTTP/1.1 503"), "NATS is down: {health}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never counted: {health}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The connection is unaffected.
+    device.send(Packet::PingReq).await;
+    assert!(matches!(device.next().await, Some(Packet::PingResp)));
+    gateway.shutdown().await;
+}
