@@ -12,6 +12,7 @@
 //! (colon-separated paths; default: `$HEARTH_NATS_SERVER` or `nats-server`).
 //! `HEARTH_BENCH_ONLY` measures a single figure (`raw`, `raw-shaped`, `gateway-1`,
 //! `gateway-50`, `nats-mqtt-1`, `nats-mqtt-50`), e.g. under a profiler.
+//! `HEARTH_BENCH_ENCODING=protobuf` stores protobuf instead of JSON events.
 //! Everything runs on this machine: the load, the gateway and nats-server
 //! share its cores, as on a Raspberry Pi that hosts them all.
 
@@ -59,8 +60,12 @@ async fn main() {
     // One figure only, e.g. for profiling: raw, gateway-1, gateway-50,
     // nats-mqtt-1 or nats-mqtt-50.
     let only = std::env::var("HEARTH_BENCH_ONLY").unwrap_or_default();
+    let encoding: hearth_proto::Encoding = std::env::var("HEARTH_BENCH_ENCODING")
+        .unwrap_or_else(|_| "json".to_owned())
+        .parse()
+        .expect("HEARTH_BENCH_ENCODING is json or protobuf");
 
-    println!("hearth ingest benchmark: {secs} s per figure, QoS 1, clients with an inflight window of {INFLIGHT}");
+    println!("hearth ingest benchmark: {secs} s per figure, QoS 1, clients with an inflight window of {INFLIGHT}, gateway storing {encoding:?}");
     for server in servers {
         let mqtt_port = free_port();
         let nats = TestNats::start_with(|config| {
@@ -75,6 +80,7 @@ async fn main() {
         config.nats.url = Some(nats.url());
         config.mqtt.listen = "127.0.0.1:0".parse().unwrap();
         config.http.listen = "127.0.0.1:0".parse().unwrap();
+        config.storage.encoding = encoding;
         let gateway = Gateway::start(config).await.expect("gateway starts");
         let js = jetstream::new(async_nats::connect(nats.url()).await.unwrap());
 

@@ -76,8 +76,10 @@ pub struct MqttConfig {
     pub max_packet_size: usize,
     /// Publishes per connection that may await storage at once. A device that
     /// sends more than this without waiting for its PUBACKs is no longer read
-    /// from until some are stored. Must be at least the devices' own inflight
-    /// window (mosquitto: 20, rumqttc: 100).
+    /// from until some are stored. Keep it above the devices' own inflight
+    /// window (mosquitto: 20, rumqttc: 100) so that their PINGREQs are still
+    /// read while storage is slow. QoS 0 has a separate lane of this size;
+    /// past it, QoS 0 publishes are dropped and counted.
     pub max_inflight: usize,
     /// How long a new connection has to send CONNECT.
     #[serde(with = "humantime_serde")]
@@ -324,11 +326,20 @@ impl Config {
             key,
             problem: problem.to_owned(),
         };
-        if self.mqtt.max_inflight == 0 {
-            return Err(invalid("mqtt.max_inflight", "must be at least 1"));
+        if !(1..=65_535).contains(&self.mqtt.max_inflight) {
+            return Err(invalid(
+                "mqtt.max_inflight",
+                "must be between 1 and 65535 (MQTT's packet ids)",
+            ));
         }
-        if self.mqtt.max_connections == 0 {
-            return Err(invalid("mqtt.max_connections", "must be at least 1"));
+        if !(1..=1_000_000).contains(&self.mqtt.max_connections) {
+            return Err(invalid(
+                "mqtt.max_connections",
+                "must be between 1 and 1000000",
+            ));
+        }
+        if self.mqtt.connect_timeout.is_zero() {
+            return Err(invalid("mqtt.connect_timeout", "must be positive"));
         }
         if self.mqtt.max_packet_size < 128 {
             return Err(invalid(
@@ -353,10 +364,11 @@ impl Config {
             ("storage.commands.max_age", &self.storage.commands),
             ("storage.dlq.max_age", &self.storage.dlq),
         ] {
-            if retention.max_age < self.storage.duplicate_window {
+            // 0 means no age limit.
+            if !retention.max_age.is_zero() && retention.max_age < self.storage.duplicate_window {
                 return Err(invalid(
                     key,
-                    "must be at least storage.duplicate_window (JetStream requires it)",
+                    "must be 0 (no limit) or at least storage.duplicate_window (JetStream requires it)",
                 ));
             }
         }

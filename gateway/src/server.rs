@@ -21,6 +21,8 @@ use crate::{http, mqtt};
 /// How long a graceful stop waits for connections to acknowledge what they
 /// are still storing.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bytes kept free in a NATS message for a dead letter's headers.
+const HEADER_ROOM: usize = 8 * 1024;
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +35,15 @@ pub enum GatewayError {
     Streams {
         url: String,
         source: streams::StreamsError,
+    },
+    #[error(
+        "mqtt.max_packet_size is {max_packet_size} bytes but the NATS server accepts at most \
+         {max_payload} bytes per message: lower mqtt.max_packet_size below {} or raise \
+         max_payload in the nats-server configuration", .max_payload.saturating_sub(HEADER_ROOM)
+    )]
+    PacketLimit {
+        max_packet_size: usize,
+        max_payload: usize,
     },
     #[error("cannot listen for {what} on {addr}: {source}")]
     Listen {
@@ -69,15 +80,20 @@ impl Gateway {
             }
         };
         let client = js::connect(&config.nats, &nats_url).await?;
-        let jetstream = async_nats::jetstream::context::ContextBuilder::new()
-            .timeout(Duration::from_secs(5))
-            // Connections already bound what they keep in flight; past this
-            // many unacknowledged publishes in all, publishing waits.
-            .max_ack_inflight(65_536)
-            .backpressure_on_inflight(true)
-            .build(client);
+        // Used for the streams, the dedup bucket and reading messages back;
+        // events are published by the connections' pipelines on the client.
+        let jetstream = async_nats::jetstream::new(client);
 
         let bucket = ensure_streams(&jetstream, &config, &nats_url).await?;
+        // A publish NATS cannot carry would be retried forever: refuse a
+        // packet limit above what the server accepts (with room for headers).
+        let max_payload = jetstream.client().server_info().max_payload;
+        if config.mqtt.max_packet_size + HEADER_ROOM > max_payload {
+            return Err(GatewayError::PacketLimit {
+                max_packet_size: config.mqtt.max_packet_size,
+                max_payload,
+            });
+        }
         let ingest = Arc::new(Ingest::new(
             Conventions::new(&config.conventions),
             jetstream.clone(),

@@ -468,3 +468,71 @@ async fn a_qos0_publish_that_cannot_be_stored_is_counted_as_dropped() {
     assert!(matches!(device.next().await, Some(Packet::PingResp)));
     gateway.shutdown().await;
 }
+
+#[tokio::test]
+async fn identical_repeats_are_each_stored_once_across_a_nats_restart() {
+    const REPEATS: u16 = 24;
+    let mut nats = TestNats::start().await;
+    let gateway = gateway(&nats, |_| {}).await;
+    let (mut sensor, _) = RawClient::connect(gateway.mqtt_addr(), "sleepy", true, 60).await;
+    let topic = "hearth/home/hall/sleepy/motion";
+    let motion = br#"{"detected":true}"#;
+
+    // The same reading under the same packet id each time, each sent only
+    // once the previous one was acknowledged: every one is a new reading.
+    for n in 0..REPEATS {
+        if n == REPEATS / 2 {
+            nats.restart().await;
+        }
+        sensor
+            .publish(topic, motion, QoS::AtLeastOnce, 1, false)
+            .await;
+        sensor.expect_puback(1).await;
+    }
+    let js = jetstream(&nats).await;
+    let stored = stored(&js, "HEARTH_EVENTS").await;
+    assert_eq!(stored.len(), usize::from(REPEATS));
+    let generations: BTreeSet<String> = stored
+        .iter()
+        .map(|m| header(m, "Nats-Msg-Id").unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        generations.len(),
+        usize::from(REPEATS),
+        "one message id per reading"
+    );
+    gateway.shutdown().await;
+}
+
+#[tokio::test]
+async fn qos0_beyond_its_lane_is_dropped_and_counted_while_the_connection_stays_up() {
+    let mut nats = TestNats::start().await;
+    let gateway = gateway(&nats, |config| config.mqtt.max_inflight = 16).await;
+    let (mut device, _) = RawClient::connect(gateway.mqtt_addr(), "chatty0", true, 30).await;
+    nats.kill().await;
+    for _ in 0..100 {
+        device
+            .publish(
+                "hearth/h/r/lux/illuminance",
+                br#"{"lux":5}"#,
+                QoS::AtMostOnce,
+                0,
+                false,
+            )
+            .await;
+    }
+    device.send(Packet::PingReq).await;
+    assert!(
+        matches!(device.next().await, Some(Packet::PingResp)),
+        "still served"
+    );
+    let health = http_get(gateway.http_addr(), "/healthz").await;
+    let dropped: u64 = health
+        .split(r#""qos0_dropped":"#)
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no qos0_dropped in {health}"));
+    assert!(dropped >= 100 - 16, "{dropped} dropped: {health}");
+    gateway.shutdown().await;
+}

@@ -221,7 +221,7 @@ impl Ingest {
         }
     }
 
-    fn count_qos0_drop(&self, error: &dyn std::fmt::Display) {
+    pub(crate) fn count_qos0_drop(&self, error: &dyn std::fmt::Display) {
         let dropped = self.qos0_dropped.fetch_add(1, Ordering::Relaxed) + 1;
         // One line per 10 s at most: a NATS outage must not flood the log.
         let now = SystemTime::now()

@@ -1,7 +1,7 @@
 //! The per-connection store pipeline.
 //!
 //! Publishes go to JetStream in arrival order with a reply subject of this
-//! pipeline's own (`<inbox>.<entry>.<message>`, one subscription per
+//! pipeline's own (`<inbox>.<entry>.<generation>.<message>`, one subscription per
 //! connection), so that an acknowledgement costs a map-free index into the
 //! queue instead of a future, a channel and a timer per message as the
 //! request API would. Entries settle strictly from the front, which keeps
@@ -130,6 +130,7 @@ impl Pipeline {
     pub(crate) async fn spawn(
         ingest: Arc<Ingest>,
         capacity: usize,
+        stop: tokio_util::sync::CancellationToken,
         span: tracing::Span,
     ) -> Result<
         (
@@ -152,15 +153,20 @@ impl Pipeline {
         };
         let (jobs_tx, jobs) = mpsc::channel(capacity);
         let (done_tx, done_rx) = mpsc::channel(capacity);
-        let task = tokio::spawn(pipeline.run(jobs, done_tx, capacity).instrument(span));
+        let task = tokio::spawn(pipeline.run(jobs, done_tx, capacity, stop).instrument(span));
         Ok((jobs_tx, done_rx, task))
     }
 
+    /// Runs until the jobs sender is dropped and everything settled, the
+    /// done receiver is dropped, or `stop`. `stop` is only looked at between
+    /// steps, never inside one: a step may be recording a generation that a
+    /// later retransmission depends on.
     async fn run(
         mut self,
         mut jobs: mpsc::Receiver<Received>,
         done: mpsc::Sender<Done>,
         capacity: usize,
+        stop: tokio_util::sync::CancellationToken,
     ) {
         let mut open = true;
         // One coarse timer for the whole queue instead of one per entry: a
@@ -187,6 +193,7 @@ impl Pipeline {
             }
             tokio::select! {
                 biased;
+                () = stop.cancelled() => return,
                 reply = self.replies.next() => match reply {
                     Some(reply) => self.record(&reply),
                     None => {
@@ -213,6 +220,10 @@ impl Pipeline {
                 generation = loop {
                     match self.ingest.generations.get(key).await {
                         Ok(generation) => break generation,
+                        Err(error @ crate::jetstream::dedup::DedupError::Corrupt(_)) => {
+                            warn!(%error, "treating it as generation 0");
+                            break 0;
+                        }
                         Err(error) => {
                             warn!(%error, "retrying");
                             backoff = pause(backoff).await;
@@ -245,33 +256,41 @@ impl Pipeline {
             }
             let message = &entry.prepared.messages[index];
             let headers = entry.prepared.headers(index, entry.generation, encoding);
-            let reply = format!("{}.{}.{index}", self.inbox, entry.id);
-            if let Err(error) = self
-                .client
-                .publish_with_reply_and_headers(
+            let reply = format!("{}.{}.{}.{index}", self.inbox, entry.id, entry.generation);
+            // The hand-over waits while the NATS client's buffer is full (it
+            // is during a reconnect); bounded, so that timeouts and QoS 0
+            // accounting keep running.
+            let handed_over = tokio::time::timeout(
+                ACK_TIMEOUT,
+                self.client.publish_with_reply_and_headers(
                     message.subject.clone(),
                     reply,
                     headers,
                     message.payload.clone(),
-                )
-                .await
-            {
-                entry.acks[index] = Some(Ack::Failed(error.to_string()));
-                entry.missing -= 1;
-            }
+                ),
+            )
+            .await;
+            let error = match handed_over {
+                Ok(Ok(())) => continue,
+                Ok(Err(error)) => error.to_string(),
+                Err(_) => "the NATS client did not take the message in time".to_owned(),
+            };
+            entry.acks[index] = Some(Ack::Failed(error));
+            entry.missing -= 1;
         }
         entry.deadline = Instant::now() + ACK_TIMEOUT;
     }
 
-    /// Files a reply under its entry and message.
+    /// Files a reply under its entry and message. Replies to an earlier
+    /// generation of an entry are ignored: they answer a message id the
+    /// entry has moved on from.
     fn record(&mut self, reply: &async_nats::Message) {
-        let Some((id, index)) = reply
+        let Some((id, generation, index)) = reply
             .subject
             .as_str()
             .strip_prefix(self.inbox.as_str())
             .and_then(|rest| rest.strip_prefix('.'))
-            .and_then(|rest| rest.split_once('.'))
-            .and_then(|(id, index)| Some((id.parse::<u64>().ok()?, index.parse::<usize>().ok()?)))
+            .and_then(parse_reply_token)
         else {
             return;
         };
@@ -287,6 +306,9 @@ impl Pipeline {
         else {
             return;
         };
+        if entry.generation != generation {
+            return;
+        }
         if let Some(slot @ None) = entry.acks.get_mut(index) {
             *slot = Some(Ack::parse(reply));
             entry.missing -= 1;
@@ -342,6 +364,8 @@ impl Pipeline {
         };
         match stored_correlation_id(&ingest, &stream, sequence).await {
             Ok(Some(id)) if id == entry.prepared.correlation_id => return Settle::Done,
+            // Another publish's message, or one already gone from the stream
+            // (which this attempt's could not be: it was just acknowledged).
             Ok(_) => {
                 entry.generation += 1;
                 debug!(
@@ -356,7 +380,7 @@ impl Pipeline {
             }
             Err(error) => {
                 warn!(%error, "cannot read back a duplicate; retrying");
-                pause(entry.backoff).await;
+                entry.backoff = pause(entry.backoff).await;
             }
         }
         let count = entry.acks.len();
@@ -405,13 +429,29 @@ impl Pipeline {
     }
 }
 
+/// `<entry>.<generation>.<message>` from a reply subject.
+fn parse_reply_token(token: &str) -> Option<(u64, u32, usize)> {
+    let mut parts = token.split('.');
+    let id = parts.next()?.parse().ok()?;
+    let generation = parts.next()?.parse().ok()?;
+    let index = parts.next()?.parse().ok()?;
+    parts.next().is_none().then_some((id, generation, index))
+}
+
+/// The correlation id of a stored message; `None` when it has none or is
+/// no longer stored.
 async fn stored_correlation_id(
     ingest: &Ingest,
     stream: &str,
     sequence: u64,
 ) -> Result<Option<String>, async_nats::Error> {
+    use async_nats::jetstream::stream::RawMessageErrorKind;
     let stream = ingest.js.get_stream_no_info(stream).await?;
-    let message = stream.get_raw_message(sequence).await?;
+    let message = match stream.get_raw_message(sequence).await {
+        Ok(message) => message,
+        Err(error) if error.kind() == RawMessageErrorKind::NoMessageFound => return Ok(None),
+        Err(error) => return Err(error.into()),
+    };
     Ok(message
         .headers
         .get(hearth_proto::headers::CORRELATION_ID)

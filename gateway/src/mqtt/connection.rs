@@ -28,6 +28,11 @@ use crate::ingest::{Done, Pipeline, Received};
 /// How long a closing connection waits for publishes still being stored so
 /// that it can acknowledge them.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a write to a device may take: a device that stops reading must
+/// not hold its connection (and its slot) forever.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection that took over waits for the previous one.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(15);
 
 type Writer = FramedWrite<OwnedWriteHalf, v4::Codec>;
 
@@ -92,11 +97,25 @@ impl Connection {
         tracing::Span::current().record("client_id", &*client_id);
 
         let taken_over = CancellationToken::new();
-        let _claim = self.shared.registry.claim(&client_id, taken_over.clone());
+        let claim = self.shared.registry.claim(&client_id, taken_over.clone());
+        // A connection that took over waits until the previous connection's
+        // pipeline has finished: a retransmission must not look up a
+        // generation the old pipeline is still recording.
+        let session_lock = claim.session();
+        let _session = match tokio::time::timeout(TAKEOVER_WAIT, session_lock.lock_owned()).await {
+            Ok(guard) => Some(guard),
+            Err(_) => {
+                warn!("the previous connection of this client is still finishing; going ahead");
+                None
+            }
+        };
         // Sessions are not kept yet: each connection starts a new one, which
         // is what `session_present = false` tells the client.
         let connack = v4::ConnAck::new(v4::ConnectReturnCode::Success, false);
-        if writer.send(v4::Packet::ConnAck(connack)).await.is_err() {
+        if !matches!(
+            tokio::time::timeout(WRITE_TIMEOUT, writer.send(v4::Packet::ConnAck(connack))).await,
+            Ok(Ok(()))
+        ) {
             return;
         }
         info!(
@@ -107,13 +126,19 @@ impl Connection {
 
         let mut session = Session {
             client_id,
+            ingest: Arc::clone(&self.shared.ingest),
             keep_alive: keep_alive_limit(connect.keep_alive),
+            max_inflight: config.max_inflight,
             inflight: 0,
+            qos0_inflight: 0,
             awaiting_release: HashSet::new(),
         };
+        let stop_pipeline = CancellationToken::new();
         let (jobs, mut done, pipeline) = match Pipeline::spawn(
             Arc::clone(&self.shared.ingest),
-            config.max_inflight,
+            // QoS 0 has a lane of the same size beside QoS 1/2's.
+            2 * config.max_inflight,
+            stop_pipeline.clone(),
             tracing::Span::current(),
         )
         .await
@@ -130,7 +155,6 @@ impl Connection {
                 &mut writer,
                 &jobs,
                 &mut done,
-                config.max_inflight,
                 &self.shutdown,
                 &taken_over,
             )
@@ -141,19 +165,30 @@ impl Connection {
         drop(jobs);
         if matches!(closed, Closed::ShuttingDown | Closed::ClientDisconnected) {
             let deadline = Instant::now() + DRAIN_TIMEOUT;
-            while session.inflight > 0 {
-                match tokio::time::timeout_at(deadline, done.recv()).await {
-                    Ok(Some(settled)) => {
-                        if session.acknowledge(&mut writer, settled).await.is_err() {
-                            break;
-                        }
+            let drain = async {
+                while session.inflight + session.qos0_inflight > 0 {
+                    let Some(settled) = done.recv().await else {
+                        break;
+                    };
+                    if session.acknowledge(&mut writer, settled).await.is_err() {
+                        break;
                     }
-                    _ => break,
                 }
-            }
-            let _ = writer.flush().await;
+                let _ = writer.flush().await;
+            };
+            let _ = tokio::time::timeout_at(deadline, drain).await;
         }
-        pipeline.abort();
+        // Let the pipeline finish the step it is in (see `Pipeline::run`),
+        // bounded, before giving the client id to a newer connection.
+        stop_pipeline.cancel();
+        let mut pipeline = pipeline;
+        if tokio::time::timeout(DRAIN_TIMEOUT, &mut pipeline)
+            .await
+            .is_err()
+        {
+            warn!("the store pipeline did not stop in time; aborting it");
+            pipeline.abort();
+        }
         match closed {
             Closed::ClientDisconnected => info!("device disconnected"),
             Closed::ProtocolError(error) => {
@@ -164,6 +199,7 @@ impl Connection {
             }
             other => info!(reason = ?other, unacknowledged = session.inflight, "connection closed"),
         }
+        drop(claim);
     }
 }
 
@@ -226,9 +262,14 @@ fn keep_alive_limit(keep_alive_secs: u16) -> Option<Duration> {
 
 struct Session {
     client_id: Arc<str>,
+    ingest: Arc<crate::ingest::Ingest>,
     keep_alive: Option<Duration>,
-    /// Publishes handed to the pipeline and not yet settled.
+    max_inflight: usize,
+    /// QoS 1/2 publishes handed to the pipeline and not yet settled.
     inflight: usize,
+    /// The same for QoS 0, which is never waited for: past `max_inflight`
+    /// further QoS 0 publishes are dropped and counted.
+    qos0_inflight: usize,
     /// QoS 2 packet ids stored and PUBREC'd, waiting for PUBREL.
     awaiting_release: HashSet<u16>,
 }
@@ -241,7 +282,6 @@ impl Session {
         writer: &mut Writer,
         jobs: &tokio::sync::mpsc::Sender<Received>,
         done: &mut tokio::sync::mpsc::Receiver<Done>,
-        max_inflight: usize,
         shutdown: &CancellationToken,
         taken_over: &CancellationToken,
     ) -> Closed {
@@ -250,23 +290,28 @@ impl Session {
             .keep_alive
             .map_or_else(far_future, |ka| Instant::now() + ka);
         loop {
-            let reading = self.inflight < max_inflight;
+            let reading = self.inflight < self.max_inflight;
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => return Closed::ShuttingDown,
                 () = taken_over.cancelled() => return Closed::TakenOver,
-                Some(settled) = done.recv() => {
-                    if let Err(error) = self.acknowledge(writer, settled).await {
-                        return Closed::Io(error.to_string());
-                    }
-                    // Acknowledge everything else already settled in one write.
-                    while let Ok(settled) = done.try_recv() {
-                        if let Err(error) = self.acknowledge(writer, settled).await {
-                            return Closed::Io(error.to_string());
+                settled = done.recv() => {
+                    let Some(settled) = settled else {
+                        return Closed::Io("the store pipeline stopped".into());
+                    };
+                    let written = tokio::time::timeout(WRITE_TIMEOUT, async {
+                        self.acknowledge(writer, settled).await?;
+                        // Acknowledge everything else already settled in one write.
+                        while let Ok(settled) = done.try_recv() {
+                            self.acknowledge(writer, settled).await?;
                         }
-                    }
-                    if let Err(error) = writer.flush().await {
-                        return Closed::Io(error.to_string());
+                        writer.flush().await
+                    })
+                    .await;
+                    match written {
+                        Ok(Ok(())) => {}
+                        Ok(Err(error)) => return Closed::Io(error.to_string()),
+                        Err(_) => return Closed::Io("the device does not read".into()),
                     }
                     if !reading {
                         // Reading resumes now; the silence was ours, not the
@@ -282,10 +327,11 @@ impl Session {
                         Some(Ok(packet)) => packet,
                     };
                     deadline = self.keep_alive.map_or_else(far_future, |ka| Instant::now() + ka);
-                    match self.handle(packet, writer, jobs).await {
-                        Ok(None) => {}
-                        Ok(Some(closed)) => return closed,
-                        Err(error) => return Closed::Io(error.to_string()),
+                    match tokio::time::timeout(WRITE_TIMEOUT, self.handle(packet, writer, jobs)).await {
+                        Ok(Ok(None)) => {}
+                        Ok(Ok(Some(closed))) => return closed,
+                        Ok(Err(error)) => return Closed::Io(error.to_string()),
+                        Err(_) => return Closed::Io("the device does not read".into()),
                     }
                 }
                 () = tokio::time::sleep_until(deadline), if reading => return Closed::KeepAliveTimeout,
@@ -325,12 +371,24 @@ impl Session {
                     dup: publish.dup,
                     received_at: SystemTime::now(),
                 };
-                // Cannot be full: `inflight` is below the channel's capacity
-                // whenever a packet is read.
+                let qos0 = received.qos == QoS::AtMostOnce;
+                if qos0 && self.qos0_inflight >= self.max_inflight {
+                    // At most once, and storage is behind: dropping it is
+                    // what QoS 0 allows, counting it is what users need.
+                    self.ingest
+                        .count_qos0_drop(&"storage is behind and the QoS 0 lane is full");
+                    return Ok(None);
+                }
+                // Cannot be full: each lane stays within its half of the
+                // channel's capacity.
                 if jobs.try_send(received).is_err() {
                     return Ok(Some(Closed::Io("store pipeline stopped".into())));
                 }
-                self.inflight += 1;
+                if qos0 {
+                    self.qos0_inflight += 1;
+                } else {
+                    self.inflight += 1;
+                }
             }
             v4::Packet::PubRel(release) => {
                 self.awaiting_release.remove(&release.pkid);
@@ -379,6 +437,10 @@ impl Session {
         writer: &mut Writer,
         settled: Done,
     ) -> Result<(), mqttbytes::Error> {
+        if settled.qos == QoS::AtMostOnce {
+            self.qos0_inflight = self.qos0_inflight.saturating_sub(1);
+            return Ok(());
+        }
         self.inflight = self.inflight.saturating_sub(1);
         match settled.qos {
             QoS::AtMostOnce => Ok(()),

@@ -52,15 +52,17 @@ impl Listener {
         let mut accept_errors = 0u32;
         loop {
             let permit = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => return,
                 permit = Arc::clone(&self.limit).acquire_owned() => match permit {
                     Ok(permit) => permit,
                     Err(_) => return,
                 },
-                () = shutdown.cancelled() => return,
             };
             let accepted = tokio::select! {
-                accepted = self.listener.accept() => accepted,
+                biased;
                 () = shutdown.cancelled() => return,
+                accepted = self.listener.accept() => accepted,
             };
             match accepted {
                 Ok((stream, peer)) => {
