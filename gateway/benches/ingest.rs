@@ -85,39 +85,63 @@ async fn main() {
         let js = jetstream::new(async_nats::connect(nats.url()).await.unwrap());
 
         let wanted = |figure: &str| only.is_empty() || only == figure;
+        let nats_pid = nats.server().pid().unwrap_or(0);
+        let skipped = Figure::skipped();
         let raw = if wanted("raw") {
-            raw_jetstream(&js, window, false).await
+            raw_jetstream(&js, window, false, nats_pid).await
         } else {
-            f64::NAN
+            skipped
         };
-        println!(
-            "  raw JetStream publish, bare 320 B payloads:        {raw:>9.0} msg/s  (the ceiling)"
+        raw.print(
+            "raw JetStream, bare 320 B payloads",
+            "client",
+            "the ceiling",
         );
         purge(&js).await;
         let shaped = if wanted("raw-shaped") {
-            raw_jetstream(&js, window, true).await
+            raw_jetstream(&js, window, true, nats_pid).await
         } else {
-            f64::NAN
+            skipped
         };
-        println!("  raw JetStream publish, gateway-shaped messages:    {shaped:>9.0} msg/s  (JSON event, 6 headers, Nats-Msg-Id)");
+        shaped.print(
+            "raw JetStream, gateway-shaped",
+            "client",
+            "JSON event, 6 headers, Nats-Msg-Id",
+        );
         for connections in [1, 50] {
             purge(&js).await;
-            let through_gateway = if wanted(&format!("gateway-{connections}")) {
-                mqtt_load(gateway.mqtt_addr().port(), connections, window, "gw").await
+            let gateway_figure = if wanted(&format!("gateway-{connections}")) {
+                mqtt_load(
+                    gateway.mqtt_addr().port(),
+                    connections,
+                    window,
+                    "gw",
+                    nats_pid,
+                )
+                .await
             } else {
-                f64::NAN
+                skipped
             };
             purge(&js).await;
-            let through_nats_mqtt = if wanted(&format!("nats-mqtt-{connections}")) {
-                mqtt_load(mqtt_port, connections, window, "nm").await
+            let nats_mqtt = if wanted(&format!("nats-mqtt-{connections}")) {
+                mqtt_load(mqtt_port, connections, window, "nm", nats_pid).await
             } else {
-                f64::NAN
+                skipped
             };
-            println!(
-                "  {connections:>2} connection(s): gateway {through_gateway:>7.0} msg/s ({:>3.0}% of bare, {:>3.0}% of shaped) | nats-server MQTT {through_nats_mqtt:>7.0} msg/s | gateway/nats-mqtt {:.2}x",
-                100.0 * through_gateway / raw,
-                100.0 * through_gateway / shaped,
-                through_gateway / through_nats_mqtt
+            gateway_figure.print(
+                &format!("gateway, {connections:>2} connection(s)"),
+                "gateway+load",
+                &format!(
+                    "{:.0}% of bare, {:.0}% of shaped, {:.2}x nats-server MQTT",
+                    100.0 * gateway_figure.rate / raw.rate,
+                    100.0 * gateway_figure.rate / shaped.rate,
+                    gateway_figure.rate / nats_mqtt.rate
+                ),
+            );
+            nats_mqtt.print(
+                &format!("nats-server MQTT, {connections:>2} conn."),
+                "load",
+                "the peer",
             );
         }
         gateway.shutdown().await;
@@ -142,7 +166,12 @@ async fn purge(js: &jetstream::Context) {
 /// one process can: bare 320-byte payloads, or (`shaped`) messages shaped
 /// like the gateway's, a JSON event with its six headers and a unique
 /// `Nats-Msg-Id`, which cost the server more to store.
-async fn raw_jetstream(js: &jetstream::Context, window: Duration, shaped: bool) -> f64 {
+async fn raw_jetstream(
+    js: &jetstream::Context,
+    window: Duration,
+    shaped: bool,
+    nats_pid: u32,
+) -> Figure {
     let (payload, headers) = if shaped {
         let event = hearth_proto::v1::Event {
             id: uuid::Uuid::now_v7().to_string(),
@@ -212,7 +241,7 @@ async fn raw_jetstream(js: &jetstream::Context, window: Duration, shaped: bool) 
             }
         })
     };
-    let rate = measure(&acked, window).await;
+    let rate = measure(&acked, window, nats_pid).await;
     stop.store(true, Ordering::Relaxed);
     publisher.await.unwrap();
     counter.await.unwrap();
@@ -223,7 +252,13 @@ async fn raw_jetstream(js: &jetstream::Context, window: Duration, shaped: bool) 
 /// windows allow; the rate of PUBACKs they receive. The client is a lean
 /// one on rumqttc's codec (a writer filling the window, a reader counting
 /// acks), so that the figures measure the servers, not the load generator.
-async fn mqtt_load(port: u16, connections: usize, window: Duration, prefix: &str) -> f64 {
+async fn mqtt_load(
+    port: u16,
+    connections: usize,
+    window: Duration,
+    prefix: &str,
+    nats_pid: u32,
+) -> Figure {
     use futures::{SinkExt, StreamExt};
     use rumqttc::mqttbytes::v4::{self, Packet};
     use tokio_util::codec::{FramedRead, FramedWrite};
@@ -291,7 +326,7 @@ async fn mqtt_load(port: u16, connections: usize, window: Duration, prefix: &str
             }
         }));
     }
-    let rate = measure(&acked, window).await;
+    let rate = measure(&acked, window, nats_pid).await;
     stop.store(true, Ordering::Relaxed);
     for task in tasks {
         task.abort();
@@ -299,12 +334,62 @@ async fn mqtt_load(port: u16, connections: usize, window: Duration, prefix: &str
     rate
 }
 
+/// One measured figure: acknowledged messages per second, and the CPU time
+/// per message of this process and of nats-server over the same window
+/// (steadier than the rate on a shared machine).
+#[derive(Clone, Copy)]
+struct Figure {
+    rate: f64,
+    here_us: f64,
+    nats_us: f64,
+}
+
+impl Figure {
+    fn skipped() -> Self {
+        Self {
+            rate: f64::NAN,
+            here_us: f64::NAN,
+            nats_us: f64::NAN,
+        }
+    }
+
+    fn print(&self, what: &str, here: &str, note: &str) {
+        if self.rate.is_nan() {
+            return;
+        }
+        println!(
+            "  {what:<34} {:>8.0} msg/s   CPU per msg: {here} {:>5.1} us, nats-server {:>5.1} us   ({note})",
+            self.rate, self.here_us, self.nats_us
+        );
+    }
+}
+
+/// CPU time (user + system) of a process, in clock ticks.
+fn cpu_ticks(pid: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+            Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0)
+}
+
 /// Rate of `counter` over `window`, after a one-second warm-up.
-async fn measure(counter: &AtomicU64, window: Duration) -> f64 {
+async fn measure(counter: &AtomicU64, window: Duration, nats_pid: u32) -> Figure {
     tokio::time::sleep(Duration::from_secs(1)).await;
+    let nats_pid = nats_pid.to_string();
+    let (here_start, nats_start) = (cpu_ticks("self"), cpu_ticks(&nats_pid));
     let start_count = counter.load(Ordering::Relaxed);
     let start = Instant::now();
     tokio::time::sleep(window).await;
-    let count = counter.load(Ordering::Relaxed) - start_count;
-    count as f64 / start.elapsed().as_secs_f64()
+    let count = (counter.load(Ordering::Relaxed) - start_count) as f64;
+    let elapsed = start.elapsed().as_secs_f64();
+    // Linux reports CPU time in USER_HZ ticks, 100 per second.
+    let per_message = |ticks: u64| ticks as f64 * 10_000.0 / count;
+    Figure {
+        rate: count / elapsed,
+        here_us: per_message(cpu_ticks("self") - here_start),
+        nats_us: per_message(cpu_ticks(&nats_pid) - nats_start),
+    }
 }

@@ -14,6 +14,7 @@
 
 pub mod config;
 pub mod conventions;
+mod deadline;
 pub mod embedded;
 mod http;
 mod ingest;

@@ -43,9 +43,14 @@ impl Encoding {
             Self::Protobuf => message.encode_to_vec().into(),
             // Serialising generated types into a Vec cannot fail: every field
             // has a JSON representation and no map has non-string keys.
-            Self::Json => serde_json::to_vec(message)
-                .expect("generated messages always serialise to JSON")
-                .into(),
+            Self::Json => {
+                // Sized for a typical event, so that it is written without
+                // growing the buffer.
+                let mut buffer = Vec::with_capacity(512);
+                serde_json::to_writer(&mut buffer, message)
+                    .expect("generated messages always serialise to JSON");
+                buffer.into()
+            }
         }
     }
 

@@ -113,7 +113,7 @@ impl Prepared {
         }
         map.insert(CORRELATION_ID, self.correlation_id.as_str());
         if let Some(key) = &self.dedup {
-            map.insert(NATS_MESSAGE_ID, key.message_id(generation, index).as_str());
+            map.insert(NATS_MESSAGE_ID, key.message_id(generation, index));
         }
         map
     }

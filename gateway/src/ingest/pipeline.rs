@@ -260,7 +260,7 @@ impl Pipeline {
             // The hand-over waits while the NATS client's buffer is full (it
             // is during a reconnect); bounded, so that timeouts and QoS 0
             // accounting keep running.
-            let handed_over = tokio::time::timeout(
+            let handed_over = crate::deadline::within(
                 ACK_TIMEOUT,
                 self.client.publish_with_reply_and_headers(
                     message.subject.clone(),

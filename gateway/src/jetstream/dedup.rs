@@ -24,7 +24,7 @@
 //! there, also after a gateway restart or on another gateway instance.
 
 use async_nats::jetstream::kv;
-use xxhash_rust::xxh3::xxh3_64;
+use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 
 /// What identifies one publish's content for deduplication.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,14 +37,16 @@ pub struct DedupKey {
 impl DedupKey {
     pub fn new(client_id: &str, packet_id: u16, topic: &str, payload: &[u8]) -> Self {
         // Length-prefixing the topic keeps ("ab", "c") and ("a", "bc") apart.
-        let mut content = Vec::with_capacity(8 + topic.len() + payload.len());
-        content.extend_from_slice(&(topic.len() as u64).to_be_bytes());
-        content.extend_from_slice(topic.as_bytes());
-        content.extend_from_slice(payload);
+        // Streamed: the same digest as hashing the concatenation, without
+        // copying the payload.
+        let mut content = Xxh3::new();
+        content.update(&(topic.len() as u64).to_be_bytes());
+        content.update(topic.as_bytes());
+        content.update(payload);
         Self {
             client: xxh3_64(client_id.as_bytes()),
             packet_id,
-            content: xxh3_64(&content),
+            content: content.digest(),
         }
     }
 

@@ -113,7 +113,7 @@ impl Connection {
         // is what `session_present = false` tells the client.
         let connack = v4::ConnAck::new(v4::ConnectReturnCode::Success, false);
         if !matches!(
-            tokio::time::timeout(WRITE_TIMEOUT, writer.send(v4::Packet::ConnAck(connack))).await,
+            crate::deadline::within(WRITE_TIMEOUT, writer.send(v4::Packet::ConnAck(connack))).await,
             Ok(Ok(()))
         ) {
             return;
@@ -299,7 +299,7 @@ impl Session {
                     let Some(settled) = settled else {
                         return Closed::Io("the store pipeline stopped".into());
                     };
-                    let written = tokio::time::timeout(WRITE_TIMEOUT, async {
+                    let written = crate::deadline::within(WRITE_TIMEOUT, async {
                         self.acknowledge(writer, settled).await?;
                         // Acknowledge everything else already settled in one write.
                         while let Ok(settled) = done.try_recv() {
@@ -327,7 +327,7 @@ impl Session {
                         Some(Ok(packet)) => packet,
                     };
                     deadline = self.keep_alive.map_or_else(far_future, |ka| Instant::now() + ka);
-                    match tokio::time::timeout(WRITE_TIMEOUT, self.handle(packet, writer, jobs)).await {
+                    match crate::deadline::within(WRITE_TIMEOUT, self.handle(packet, writer, jobs)).await {
                         Ok(Ok(None)) => {}
                         Ok(Ok(Some(closed))) => return closed,
                         Ok(Err(error)) => return Closed::Io(error.to_string()),
