@@ -536,3 +536,70 @@ async fn qos0_beyond_its_lane_is_dropped_and_counted_while_the_connection_stays_
     assert!(dropped >= 100 - 16, "{dropped} dropped: {health}");
     gateway.shutdown().await;
 }
+
+#[tokio::test]
+async fn pubacks_follow_arrival_order_whatever_each_publish_stores() {
+    let nats = TestNats::start().await;
+    let gateway = gateway(&nats, |_| {}).await;
+    let (mut device, _) = RawClient::connect(gateway.mqtt_addr(), "mixed", true, 30).await;
+    let report = br#"{"temperature":20.5,"humidity":40,"battery":99,"linkquality":3}"#;
+    // Three events, one event, a dead letter, nothing stored, three events.
+    let publishes: [(&str, &[u8]); 5] = [
+        ("zigbee2mqtt/bath/sensor", report),
+        ("hearth/h/bath/pir/motion", br#"{"detected":true}"#),
+        ("hearth/h/bath/pir/motion", b"garbage"),
+        ("zigbee2mqtt/bridge/state", b"online"),
+        ("zigbee2mqtt/bath/sensor", report),
+    ];
+    for (pkid, (topic, payload)) in (1..).zip(publishes) {
+        device
+            .publish(topic, payload, QoS::AtLeastOnce, pkid, false)
+            .await;
+    }
+    for pkid in 1..=5 {
+        device.expect_puback(pkid).await;
+    }
+    let js = jetstream(&nats).await;
+    assert_eq!(stored(&js, "HEARTH_EVENTS").await.len(), 7);
+    assert_eq!(stored(&js, "HEARTH_DLQ").await.len(), 1);
+    gateway.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_gateway_shutting_down_acknowledges_what_it_stores_before_closing() {
+    let mut nats = TestNats::start().await;
+    let gateway = gateway(&nats, |_| {}).await;
+    let (mut device, _) = RawClient::connect(gateway.mqtt_addr(), "late", true, 30).await;
+    nats.kill().await;
+    for pkid in 1..=5u16 {
+        let payload = format!(r#"{{"lux":{pkid}}}"#);
+        device
+            .publish(
+                "hearth/h/r/lux/illuminance",
+                payload.as_bytes(),
+                QoS::AtLeastOnce,
+                pkid,
+                false,
+            )
+            .await;
+    }
+    // Packets are handled in order: the PINGRESP says the five were read.
+    device.send(Packet::PingReq).await;
+    assert!(matches!(device.next().await, Some(Packet::PingResp)));
+    // Shut down while the five cannot be stored; NATS comes back during the
+    // drain, and the connection stays open long enough to acknowledge them.
+    let stopping = tokio::spawn(gateway.shutdown());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !stopping.is_finished(),
+        "the gateway waits for what it stores"
+    );
+    nats.restart().await;
+    for pkid in 1..=5 {
+        device.expect_puback(pkid).await;
+    }
+    assert!(device.closed_within(PROMPTLY).await);
+    stopping.await.unwrap();
+    let js = jetstream(&nats).await;
+    assert_eq!(stored(&js, "HEARTH_EVENTS").await.len(), 5);
+}

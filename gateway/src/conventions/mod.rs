@@ -159,9 +159,16 @@ pub trait Convention: Send + Sync + std::fmt::Debug {
     /// e.g. `hearth`; named in the detail of an `unknown_topic` rejection.
     fn topic_root(&self) -> &str;
 
-    /// `None` when the topic is not this convention's; otherwise what the
-    /// publish decodes to.
-    fn decode(&self, topic: &str, payload: &[u8]) -> Option<Result<Decoded, Rejection>>;
+    /// What a publish under the topic root decodes to; `levels` is the
+    /// topic after `<root>/`.
+    fn decode_claimed(&self, levels: &str, payload: &[u8]) -> Result<Decoded, Rejection>;
+
+    /// `None` when the topic is not this convention's (not under
+    /// `<root>/`); otherwise what the publish decodes to.
+    fn decode(&self, topic: &str, payload: &[u8]) -> Option<Result<Decoded, Rejection>> {
+        let levels = topic.strip_prefix(self.topic_root())?.strip_prefix('/')?;
+        Some(self.decode_claimed(levels, payload))
+    }
 }
 
 // What follows is shared by the conventions so that a value means the same,

@@ -77,7 +77,7 @@ impl Native {
         }
     }
 
-    fn decode_claimed(&self, levels: &str, payload: &[u8]) -> Result<Decoded, Rejection> {
+    fn decode_levels(&self, levels: &str, payload: &[u8]) -> Result<Decoded, Rejection> {
         let levels: Vec<&str> = levels.split('/').collect();
         let [home, room, device, kind] = levels[..] else {
             return Err(Rejection::new(
@@ -190,11 +190,8 @@ impl Convention for Native {
         &self.prefix
     }
 
-    fn decode(&self, topic: &str, payload: &[u8]) -> Option<Result<Decoded, Rejection>> {
-        let levels = topic
-            .strip_prefix(self.prefix.as_str())?
-            .strip_prefix('/')?;
-        Some(self.decode_claimed(levels, payload))
+    fn decode_claimed(&self, levels: &str, payload: &[u8]) -> Result<Decoded, Rejection> {
+        self.decode_levels(levels, payload)
     }
 }
 

@@ -147,7 +147,7 @@ impl Zigbee2Mqtt {
         }
     }
 
-    fn decode_claimed(&self, levels: &str, payload: &[u8]) -> Result<Decoded, Rejection> {
+    fn decode_levels(&self, levels: &str, payload: &[u8]) -> Result<Decoded, Rejection> {
         match route(levels) {
             Route::Bridge => Ok(Decoded::NotAnEvent("zigbee2mqtt bridge traffic")),
             Route::Command => Ok(Decoded::NotAnEvent("command topic")),
@@ -268,11 +268,8 @@ impl Convention for Zigbee2Mqtt {
         &self.config.base_topic
     }
 
-    fn decode(&self, topic: &str, payload: &[u8]) -> Option<Result<Decoded, Rejection>> {
-        let levels = topic
-            .strip_prefix(self.config.base_topic.as_str())?
-            .strip_prefix('/')?;
-        Some(self.decode_claimed(levels, payload))
+    fn decode_claimed(&self, levels: &str, payload: &[u8]) -> Result<Decoded, Rejection> {
+        self.decode_levels(levels, payload)
     }
 }
 
