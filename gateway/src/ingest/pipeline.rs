@@ -367,7 +367,11 @@ impl Pipeline {
             // Another publish's message, or one already gone from the stream
             // (which this attempt's could not be: it was just acknowledged).
             Ok(_) => {
-                entry.generation += 1;
+                // Skip straight past the generations already recorded rather
+                // than reading back each one in turn; a failed lookup only
+                // costs the walk.
+                let recorded = ingest.generations.get(key).await.unwrap_or(0);
+                entry.generation = entry.generation.max(recorded) + 1;
                 debug!(
                     generation = entry.generation,
                     "identical repeat of an earlier publish"
