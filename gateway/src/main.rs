@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use anyhow::Context;
+use anyhow::{anyhow, Context};
 use clap::Parser;
 use hearth_gateway::config::{Cli, Config};
 use hearth_gateway::Gateway;
@@ -19,8 +19,9 @@ async fn main() -> ExitCode {
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            tracing::error!("{error:#}");
-            eprintln!("hearth-gateway: {error:#}");
+            // The library's errors already say what caused them, so only the
+            // outermost message is printed (`{:#}` would repeat the causes).
+            eprintln!("hearth-gateway: {error}");
             ExitCode::FAILURE
         }
     }
@@ -30,7 +31,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = Config::load(&cli)?;
     let gateway = Gateway::start(config)
         .await
-        .context("the gateway could not start")?;
+        .map_err(|error| anyhow!("the gateway could not start: {error}"))?;
     wait_for_signal().await?;
     tracing::info!("stopping (signal received)");
     gateway.shutdown().await;
