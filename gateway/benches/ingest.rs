@@ -26,9 +26,33 @@ use hearth_gateway::config::Config;
 use hearth_gateway::Gateway;
 use hearth_test_support::{free_port, TestNats};
 
-/// The same allocator as the `hearth-gateway` binary.
+/// The same allocator as the `hearth-gateway` binary, counting allocations
+/// so that each figure can say how many it took per message.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: Counting = Counting;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+struct Counting;
+
+// SAFETY: forwards every call unchanged to mimalloc, which upholds the
+// GlobalAlloc contract; the counter is a relaxed atomic increment.
+#[allow(unsafe_code)]
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        unsafe { mimalloc::MiMalloc.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        unsafe { mimalloc::MiMalloc.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        unsafe { mimalloc::MiMalloc.realloc(ptr, layout, new_size) }
+    }
+}
 
 /// Each client's inflight window (rumqttc's default); the gateway reads up
 /// to its own `mqtt.max_inflight` (1024) per connection.
@@ -342,6 +366,7 @@ struct Figure {
     rate: f64,
     here_us: f64,
     nats_us: f64,
+    allocations: f64,
 }
 
 impl Figure {
@@ -350,6 +375,7 @@ impl Figure {
             rate: f64::NAN,
             here_us: f64::NAN,
             nats_us: f64::NAN,
+            allocations: f64::NAN,
         }
     }
 
@@ -358,8 +384,8 @@ impl Figure {
             return;
         }
         println!(
-            "  {what:<34} {:>8.0} msg/s   CPU per msg: {here} {:>5.1} us, nats-server {:>5.1} us   ({note})",
-            self.rate, self.here_us, self.nats_us
+            "  {what:<34} {:>8.0} msg/s   per msg: {here} {:>5.1} us CPU and {:>4.1} allocations, nats-server {:>5.1} us   ({note})",
+            self.rate, self.here_us, self.allocations, self.nats_us
         );
     }
 }
@@ -381,6 +407,7 @@ async fn measure(counter: &AtomicU64, window: Duration, nats_pid: u32) -> Figure
     let nats_pid = nats_pid.to_string();
     let (here_start, nats_start) = (cpu_ticks("self"), cpu_ticks(&nats_pid));
     let start_count = counter.load(Ordering::Relaxed);
+    let allocations_start = ALLOCATIONS.load(Ordering::Relaxed);
     let start = Instant::now();
     tokio::time::sleep(window).await;
     let count = (counter.load(Ordering::Relaxed) - start_count) as f64;
@@ -391,5 +418,6 @@ async fn measure(counter: &AtomicU64, window: Duration, nats_pid: u32) -> Figure
         rate: count / elapsed,
         here_us: per_message(cpu_ticks("self") - here_start),
         nats_us: per_message(cpu_ticks(&nats_pid) - nats_start),
+        allocations: (ALLOCATIONS.load(Ordering::Relaxed) - allocations_start) as f64 / count,
     }
 }
