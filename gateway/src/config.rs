@@ -84,6 +84,11 @@ pub struct MqttConfig {
     /// How long a new connection has to send CONNECT.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// Bytes of publishes awaiting storage across all connections (payload
+    /// plus 1 KiB each). When storage is behind and this is spent, QoS 1/2
+    /// devices are not read from and QoS 0 publishes are dropped and counted:
+    /// the bound on the gateway's memory whatever the number of devices.
+    pub max_inflight_bytes: usize,
 }
 
 impl Default for MqttConfig {
@@ -94,6 +99,7 @@ impl Default for MqttConfig {
             max_packet_size: 256 * 1024,
             max_inflight: 1024,
             connect_timeout: Duration::from_secs(10),
+            max_inflight_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -336,6 +342,14 @@ impl Config {
             return Err(invalid(
                 "mqtt.max_connections",
                 "must be between 1 and 1000000",
+            ));
+        }
+        if self.mqtt.max_inflight_bytes < self.mqtt.max_packet_size + 1024
+            || self.mqtt.max_inflight_bytes > (u32::MAX as usize)
+        {
+            return Err(invalid(
+                "mqtt.max_inflight_bytes",
+                "must hold at least one packet of mqtt.max_packet_size (plus 1 KiB) and be below 4 GiB",
             ));
         }
         if self.mqtt.connect_timeout.is_zero() {

@@ -118,6 +118,7 @@ impl Gateway {
             config: config.mqtt.clone(),
             ingest: Arc::clone(&ingest),
             registry: mqtt::Registry::default(),
+            budget: Arc::new(tokio::sync::Semaphore::new(config.mqtt.max_inflight_bytes)),
         });
         mqtt::log_listening(&mqtt_listener);
         tasks.spawn(

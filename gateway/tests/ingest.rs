@@ -603,3 +603,53 @@ async fn a_gateway_shutting_down_acknowledges_what_it_stores_before_closing() {
     let js = jetstream(&nats).await;
     assert_eq!(stored(&js, "HEARTH_EVENTS").await.len(), 5);
 }
+
+#[tokio::test]
+async fn a_spent_memory_budget_pauses_qos1_and_drops_qos0_until_storage_returns() {
+    let mut nats = TestNats::start().await;
+    let gateway = gateway(&nats, |config| {
+        config.mqtt.max_packet_size = 2048;
+        config.mqtt.max_inflight_bytes = 8 * 1024;
+    })
+    .await;
+    let (mut big, _) = RawClient::connect(gateway.mqtt_addr(), "big", true, 30).await;
+    let (mut small, _) = RawClient::connect(gateway.mqtt_addr(), "small", true, 30).await;
+    nats.kill().await;
+
+    // Each of these counts 1.5 KiB + 1 KiB: three fit in 8 KiB.
+    let press = format!(r#"{{"action":"{}"}}"#, "x".repeat(1500));
+    for pkid in 1..=6u16 {
+        big.publish(
+            "hearth/h/r/big/button",
+            press.as_bytes(),
+            QoS::AtLeastOnce,
+            pkid,
+            false,
+        )
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Another device's QoS 0 finds the budget spent: dropped, counted, and
+    // its connection is served.
+    small
+        .publish(
+            "hearth/h/r/small/motion",
+            br#"{"detected":true}"#,
+            QoS::AtMostOnce,
+            0,
+            false,
+        )
+        .await;
+    small.send(Packet::PingReq).await;
+    assert!(matches!(small.next().await, Some(Packet::PingResp)));
+    let health = http_get(gateway.http_addr(), "/healthz").await;
+    assert!(health.contains(r#""qos0_dropped":1"#), "{health}");
+
+    nats.restart().await;
+    for pkid in 1..=6 {
+        big.expect_puback(pkid).await;
+    }
+    let js = jetstream(&nats).await;
+    assert_eq!(stored(&js, "HEARTH_EVENTS").await.len(), 6);
+    gateway.shutdown().await;
+}

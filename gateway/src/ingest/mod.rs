@@ -28,6 +28,9 @@ pub(crate) use pipeline::Pipeline;
 /// A publish as received from a device.
 #[derive(Debug)]
 pub(crate) struct Received {
+    /// Its share of the gateway's memory budget, given back when it is
+    /// settled (dropped with it).
+    pub(crate) budget: Option<tokio::sync::OwnedSemaphorePermit>,
     pub(crate) client_id: std::sync::Arc<str>,
     pub(crate) topic: String,
     pub(crate) payload: Bytes,
@@ -69,6 +72,7 @@ struct Outgoing {
 /// A publish turned into the messages that store it.
 #[derive(Debug)]
 struct Prepared {
+    _budget: Option<tokio::sync::OwnedSemaphorePermit>,
     done: Done,
     dup: bool,
     client_id: std::sync::Arc<str>,
@@ -175,6 +179,7 @@ impl Ingest {
             )
         });
         Prepared {
+            _budget: received.budget,
             done: Done {
                 pkid: received.pkid,
                 qos: received.qos,

@@ -17,6 +17,7 @@ use futures::{SinkExt, StreamExt};
 use rumqttc::mqttbytes::{self, v4, QoS};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
@@ -131,6 +132,8 @@ impl Connection {
             max_inflight: config.max_inflight,
             inflight: 0,
             qos0_inflight: 0,
+            budget: Arc::clone(&self.shared.budget),
+            budget_total: config.max_inflight_bytes,
             awaiting_release: HashSet::new(),
         };
         let stop_pipeline = CancellationToken::new();
@@ -270,6 +273,9 @@ struct Session {
     /// The same for QoS 0, which is never waited for: past `max_inflight`
     /// further QoS 0 publishes are dropped and counted.
     qos0_inflight: usize,
+    /// The gateway-wide memory budget of publishes in flight, in bytes.
+    budget: Arc<Semaphore>,
+    budget_total: usize,
     /// QoS 2 packet ids stored and PUBREC'd, waiting for PUBREL.
     awaiting_release: HashSet<u16>,
 }
@@ -326,8 +332,19 @@ impl Session {
                         Some(Err(error)) => return Closed::ProtocolError(error.to_string()),
                         Some(Ok(packet)) => packet,
                     };
+                    // A publish first reserves its share of the gateway-wide
+                    // memory budget; waiting for it is back-pressure, not a
+                    // slow write, so it happens outside the write bound.
+                    let reserved = match &packet {
+                        v4::Packet::Publish(publish) => tokio::select! {
+                            reserved = self.reserve(publish) => reserved,
+                            () = shutdown.cancelled() => return Closed::ShuttingDown,
+                            () = taken_over.cancelled() => return Closed::TakenOver,
+                        },
+                        _ => None,
+                    };
                     deadline = self.keep_alive.map_or_else(far_future, |ka| Instant::now() + ka);
-                    match crate::deadline::within(WRITE_TIMEOUT, self.handle(packet, writer, jobs)).await {
+                    match crate::deadline::within(WRITE_TIMEOUT, self.handle(packet, reserved, writer, jobs)).await {
                         Ok(Ok(None)) => {}
                         Ok(Ok(Some(closed))) => return closed,
                         Ok(Err(error)) => return Closed::Io(error.to_string()),
@@ -339,10 +356,23 @@ impl Session {
         }
     }
 
+    /// The memory a publish may hold until it is settled. QoS 1/2 wait for
+    /// it (this connection is not read meanwhile); QoS 0 takes it only if it
+    /// is free, and is dropped otherwise.
+    async fn reserve(&self, publish: &v4::Publish) -> Option<OwnedSemaphorePermit> {
+        let budget = &self.budget;
+        let wanted = budget_share(publish.payload.len(), self.budget_total);
+        if publish.qos == QoS::AtMostOnce {
+            return Arc::clone(budget).try_acquire_many_owned(wanted).ok();
+        }
+        Arc::clone(budget).acquire_many_owned(wanted).await.ok()
+    }
+
     /// Handles one packet; `Some` when the connection is to close.
     async fn handle(
         &mut self,
         packet: v4::Packet,
+        reserved: Option<OwnedSemaphorePermit>,
         writer: &mut Writer,
         jobs: &tokio::sync::mpsc::Sender<Received>,
     ) -> Result<Option<Closed>, mqttbytes::Error> {
@@ -363,6 +393,7 @@ impl Session {
                     return Ok(None);
                 }
                 let received = Received {
+                    budget: reserved,
                     client_id: Arc::clone(&self.client_id),
                     topic: publish.topic,
                     payload: publish.payload,
@@ -372,6 +403,11 @@ impl Session {
                     received_at: SystemTime::now(),
                 };
                 let qos0 = received.qos == QoS::AtMostOnce;
+                if qos0 && received.budget.is_none() {
+                    self.ingest
+                        .count_qos0_drop(&"storage is behind and the memory budget is spent");
+                    return Ok(None);
+                }
                 if qos0 && self.qos0_inflight >= self.max_inflight {
                     // At most once, and storage is behind: dropping it is
                     // what QoS 0 allows, counting it is what users need.
@@ -457,6 +493,13 @@ impl Session {
             }
         }
     }
+}
+
+/// What a publish of `payload` bytes counts against the budget: its payload
+/// and the event built from it, never more than the whole budget.
+fn budget_share(payload: usize, total: usize) -> u32 {
+    const PER_MESSAGE: usize = 1024;
+    u32::try_from((payload + PER_MESSAGE).min(total)).unwrap_or(u32::MAX)
 }
 
 fn packet_name(packet: &v4::Packet) -> &'static str {

@@ -26,6 +26,10 @@ pub(crate) struct Shared {
     pub(crate) config: MqttConfig,
     pub(crate) ingest: Arc<Ingest>,
     pub(crate) registry: Registry,
+    /// Bytes of publishes in flight across all connections
+    /// (`mqtt.max_inflight_bytes`): what bounds the gateway's memory when
+    /// storage is slow, whatever the number of devices.
+    pub(crate) budget: Arc<Semaphore>,
 }
 
 pub(crate) struct Listener {
