@@ -108,7 +108,9 @@ pub async fn ensure(
         allow_rollup: true,
         deny_delete: true,
         allow_direct: true,
-        discard: stream::DiscardPolicy::New,
+        // Full, it forgets its oldest entries rather than refusing new ones:
+        // a refused record would hold up the publish that needs it.
+        discard: stream::DiscardPolicy::Old,
         ..Default::default()
     })
     .await
