@@ -653,3 +653,46 @@ async fn a_spent_memory_budget_pauses_qos1_and_drops_qos0_until_storage_returns(
     assert_eq!(stored(&js, "HEARTH_EVENTS").await.len(), 6);
     gateway.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_client_ignoring_its_window_is_not_read_from_until_storage_catches_up() {
+    let mut nats = TestNats::start().await;
+    let gateway = gateway(&nats, |config| config.mqtt.max_inflight = 4).await;
+    // Keep-alive 1 s: the pause below is longer, and must not count as the
+    // client's silence.
+    let (mut greedy, _) = RawClient::connect(gateway.mqtt_addr(), "greedy", true, 1).await;
+    nats.kill().await;
+    for pkid in 1..=10u16 {
+        let payload = format!(r#"{{"lux":{pkid}}}"#);
+        greedy
+            .publish(
+                "hearth/h/r/g/illuminance",
+                payload.as_bytes(),
+                QoS::AtLeastOnce,
+                pkid,
+                false,
+            )
+            .await;
+    }
+    greedy.send(Packet::PingReq).await;
+    // Four publishes are taken; the rest and the PINGREQ wait unread.
+    assert!(
+        greedy.silent_for(Duration::from_secs(2)).await,
+        "no answer and no disconnect while paused"
+    );
+    nats.restart().await;
+    // Then all of it is read and answered: the PUBACKs in order, the
+    // PINGRESP as soon as the PINGREQ is read.
+    let (mut acked, mut pinged) = (Vec::new(), false);
+    while acked.len() < 10 || !pinged {
+        match greedy.next().await {
+            Some(Packet::PubAck(ack)) => acked.push(ack.pkid),
+            Some(Packet::PingResp) => pinged = true,
+            other => panic!("unexpected {other:?} after {acked:?}"),
+        }
+    }
+    assert_eq!(acked, (1..=10).collect::<Vec<u16>>());
+    let js = jetstream(&nats).await;
+    assert_eq!(stored(&js, "HEARTH_EVENTS").await.len(), 10);
+    gateway.shutdown().await;
+}

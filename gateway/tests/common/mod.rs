@@ -154,6 +154,13 @@ impl RawClient {
         }
     }
 
+    /// Whether nothing at all (no packet, no close) came within `within`.
+    pub async fn silent_for(&mut self, within: Duration) -> bool {
+        tokio::time::timeout(within, self.framed.next())
+            .await
+            .is_err()
+    }
+
     /// Whether the server closed the connection within `within`.
     pub async fn closed_within(&mut self, within: Duration) -> bool {
         loop {
