@@ -28,11 +28,24 @@ fi
 cargo build --release -p hearth-gateway
 export HEARTH_DATA_DIR="${HEARTH_DATA_DIR:-$repo/.data}"
 
+# Debian's nats-server package runs its own server on 4222; hearth's then
+# takes the next free port rather than failing.
+nats_port=4222
+if [ -z "${HEARTH_NATS_URL:-}" ] && [ -z "${HEARTH_EMBEDDED_NATS_LISTEN:-}" ]; then
+    while (exec 3<>"/dev/tcp/127.0.0.1/$nats_port") 2>/dev/null; do
+        nats_port=$((nats_port + 1))
+    done
+    if [ "$nats_port" != 4222 ]; then
+        echo "run.sh: port 4222 is taken (Debian's nats-server service?); hearth's nats-server uses $nats_port"
+        export HEARTH_EMBEDDED_NATS_LISTEN="127.0.0.1:$nats_port"
+    fi
+fi
+
 cat <<'HINT'
 hearth is starting. Try, in another terminal:
   mosquitto_pub -t hearth/home/kitchen/pir-1/motion -q 1 -m '{"detected":true}'
   mosquitto_pub -t 'zigbee2mqtt/Living Room/Lamp' -q 1 -m '{"state":"ON","brightness":128}'
   curl -s 127.0.0.1:9880/healthz
-and, with the NATS CLI:  nats stream ls;  nats sub 'hearth.evt.>'
 HINT
+echo "and, with the NATS CLI:  nats -s nats://127.0.0.1:$nats_port stream ls;  nats -s nats://127.0.0.1:$nats_port sub 'hearth.evt.>'"
 exec target/release/hearth-gateway "$@"

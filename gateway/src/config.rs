@@ -236,6 +236,9 @@ pub struct Cli {
     /// The nats-server binary to run when no --nats-url is given [default: nats-server]
     #[arg(long, env = "HEARTH_NATS_SERVER", value_name = "PATH")]
     pub nats_server: Option<PathBuf>,
+    /// Where that embedded nats-server listens [default: 127.0.0.1:4222]
+    #[arg(long, env = "HEARTH_EMBEDDED_NATS_LISTEN", value_name = "ADDR")]
+    pub embedded_nats_listen: Option<SocketAddr>,
 
     /// Address of the MQTT listener devices connect to [default: 0.0.0.0:1883]
     #[arg(long, env = "HEARTH_MQTT_LISTEN", value_name = "ADDR")]
@@ -320,6 +323,7 @@ impl Config {
         set_opt(&mut self.nats.tls_cert, &cli.nats_tls_cert);
         set_opt(&mut self.nats.tls_key, &cli.nats_tls_key);
         set(&mut self.nats.server_binary, &cli.nats_server);
+        set(&mut self.nats.embedded_listen, &cli.embedded_nats_listen);
         set(&mut self.mqtt.listen, &cli.mqtt_listen);
         set(&mut self.http.listen, &cli.http_listen);
         set(&mut self.storage.encoding, &cli.encoding);
