@@ -161,3 +161,51 @@ async fn healthz_reports_nats_and_clients() {
     assert!(body.contains(r#""mqtt_clients":1"#), "{body}");
     gateway.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_streams_are_named_described_and_limited_as_configured() {
+    let nats = TestNats::start().await;
+    let gateway = gateway(&nats, |config| {
+        config.storage.duplicate_window = Duration::from_secs(90);
+        config.storage.dlq.max_age = Duration::from_secs(3 * 24 * 3600);
+    })
+    .await;
+    let js = jetstream(&nats).await;
+    for (name, subjects, mentions) in [
+        ("HEARTH_EVENTS", "hearth.evt.>", "hearth.v1.Event"),
+        ("HEARTH_COMMANDS", "hearth.cmd.>", "hearth.v1.Command"),
+        ("HEARTH_DLQ", "hearth.dlq.>", "Hearth-Reason"),
+    ] {
+        let mut stream = js.get_stream(name).await.expect(name);
+        let config = stream.info().await.unwrap().config.clone();
+        assert_eq!(config.subjects, [subjects], "{name}");
+        let description = config.description.unwrap_or_default();
+        assert!(description.contains(mentions), "{name}: {description}");
+        assert_eq!(config.duplicate_window, Duration::from_secs(90), "{name}");
+        assert_eq!(
+            config.max_messages_per_subject, -1,
+            "{name}: no per-subject limit"
+        );
+    }
+    let dlq = js
+        .get_stream("HEARTH_DLQ")
+        .await
+        .unwrap()
+        .cached_info()
+        .config
+        .max_age;
+    assert_eq!(dlq, Duration::from_secs(3 * 24 * 3600));
+    gateway.shutdown().await;
+
+    // Started again with other limits, the streams are updated in place.
+    let gateway = common::gateway(&nats, |config| {
+        config.storage.events.max_bytes = bytesize::ByteSize::mib(64);
+    })
+    .await;
+    let mut events = js.get_stream("HEARTH_EVENTS").await.unwrap();
+    assert_eq!(
+        events.info().await.unwrap().config.max_bytes,
+        64 * 1024 * 1024
+    );
+    gateway.shutdown().await;
+}
