@@ -229,3 +229,98 @@ async fn publishes_in_flight_at_a_graceful_disconnect_are_still_stored() {
     assert_eq!(stored_at_least(&js, "HEARTH_EVENTS", 20).await.len(), 20);
     gateway.shutdown().await;
 }
+
+/// A small deterministic generator, so that a failure can be replayed.
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+#[tokio::test]
+async fn random_and_mutated_packets_never_take_the_listener_down() {
+    // A panic in a connection task would be caught by tokio and go
+    // unnoticed; count every panic in this process instead.
+    static PANICS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        PANICS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        previous(info);
+    }));
+
+    let nats = TestNats::start().await;
+    let gateway = gateway(&nats, |config| {
+        config.mqtt.connect_timeout = Duration::from_secs(1)
+    })
+    .await;
+    let (mut good, _) = RawClient::connect(gateway.mqtt_addr(), "steady", true, 30).await;
+
+    // Valid packets to mutate: a CONNECT followed by a PUBLISH.
+    let mut valid = bytes::BytesMut::new();
+    let mut connect = v4::Connect::new("fuzz");
+    connect.keep_alive = 5;
+    connect.write(&mut valid).unwrap();
+    let mut publish = v4::Publish::new(
+        "hearth/h/r/d/motion",
+        QoS::AtLeastOnce,
+        br#"{"detected":true}"#.to_vec(),
+    );
+    publish.pkid = 1;
+    publish.write(&mut valid).unwrap();
+
+    let mut rng = XorShift(0x5eed_1234_abcd_0001);
+    let mut attackers = Vec::new();
+    for round in 0..200u32 {
+        let mut bytes = valid.to_vec();
+        if round % 2 == 0 {
+            // Flip a few bytes of a valid exchange.
+            for _ in 0..(1 + rng.next() % 4) {
+                let at = (rng.next() as usize) % bytes.len();
+                bytes[at] = rng.next() as u8;
+            }
+        } else {
+            // Or send noise of random length.
+            bytes = (0..(rng.next() % 300)).map(|_| rng.next() as u8).collect();
+        }
+        let addr = gateway.mqtt_addr();
+        attackers.push(tokio::spawn(async move {
+            let mut client = RawClient::open(addr).await;
+            client.send_bytes(&bytes).await;
+            // Whatever the server answers, it must end the exchange by itself
+            // (close, or keep a valid session open) without hanging the test.
+            let _ = client.closed_within(Duration::from_secs(3)).await;
+        }));
+    }
+    for attacker in attackers {
+        attacker
+            .await
+            .expect("the attacking client itself does not panic");
+    }
+
+    // The gateway still serves the device that was connected all along, and
+    // new ones.
+    good.publish(
+        "hearth/h/r/d/motion",
+        br#"{"detected":true}"#,
+        QoS::AtLeastOnce,
+        7,
+        false,
+    )
+    .await;
+    good.expect_puback(7).await;
+    let (mut fresh, ack) = RawClient::connect(gateway.mqtt_addr(), "after-fuzz", true, 30).await;
+    assert_eq!(ack.code, ConnectReturnCode::Success);
+    fresh.send(Packet::PingReq).await;
+    assert!(matches!(fresh.next().await, Some(Packet::PingResp)));
+    gateway.shutdown().await;
+    assert_eq!(
+        PANICS.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "no task panicked"
+    );
+}
