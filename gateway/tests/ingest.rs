@@ -696,3 +696,39 @@ async fn a_client_ignoring_its_window_is_not_read_from_until_storage_catches_up(
     assert_eq!(stored(&js, "HEARTH_EVENTS").await.len(), 10);
     gateway.shutdown().await;
 }
+
+#[tokio::test]
+async fn names_too_long_for_a_nats_subject_are_dead_lettered_and_nats_stays_up() {
+    let nats = TestNats::start().await;
+    let gateway = gateway(&nats, |_| {}).await;
+    let js = jetstream(&nats).await;
+    let (mut device, _) = RawClient::connect(gateway.mqtt_addr(), "verbose", true, 30).await;
+    // 5000 characters that each escape to three: far beyond what NATS
+    // takes on one protocol line.
+    let room = ".".repeat(5000);
+    let topic = format!("hearth/home/{room}/d/motion");
+    device
+        .publish(&topic, br#"{"detected":true}"#, QoS::AtLeastOnce, 1, false)
+        .await;
+    device.expect_puback(1).await;
+    let letters = stored(&js, "HEARTH_DLQ").await;
+    assert_eq!(letters.len(), 1);
+    assert_eq!(header(&letters[0], "Hearth-Reason"), Some("name_too_long"));
+    assert!(
+        header(&letters[0], "Hearth-Mqtt-Topic").unwrap().len() < 1100,
+        "long device input is truncated in headers"
+    );
+    // The gateway's NATS connection survived: ordinary events still flow.
+    device
+        .publish(
+            "hearth/home/hall/d/motion",
+            br#"{"detected":true}"#,
+            QoS::AtLeastOnce,
+            2,
+            false,
+        )
+        .await;
+    device.expect_puback(2).await;
+    assert_eq!(stored(&js, "HEARTH_EVENTS").await.len(), 1);
+    gateway.shutdown().await;
+}

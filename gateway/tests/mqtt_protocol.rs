@@ -324,3 +324,14 @@ async fn random_and_mutated_packets_never_take_the_listener_down() {
         "no task panicked"
     );
 }
+
+#[tokio::test]
+async fn an_overlong_client_id_is_refused_as_an_identifier() {
+    let nats = TestNats::start().await;
+    let gateway = gateway(&nats, |_| {}).await;
+    let (mut client, ack) =
+        RawClient::connect(gateway.mqtt_addr(), &"x".repeat(1000), true, 30).await;
+    assert_eq!(ack.code, ConnectReturnCode::BadClientId);
+    assert!(client.closed_within(PROMPTLY).await);
+    gateway.shutdown().await;
+}

@@ -128,6 +128,9 @@ pub enum RejectReason {
     BadTimestamp,
     /// Home, room or device would be empty.
     EmptyIdentifier,
+    /// Home, room or device names so long that the subject would exceed
+    /// what NATS accepts on one protocol line.
+    NameTooLong,
 }
 
 impl RejectReason {
@@ -140,6 +143,7 @@ impl RejectReason {
             Self::OutOfRange => "out_of_range",
             Self::BadTimestamp => "bad_timestamp",
             Self::EmptyIdentifier => "empty_identifier",
+            Self::NameTooLong => "name_too_long",
         }
     }
 }

@@ -159,6 +159,7 @@ impl Ingest {
     fn prepare(&self, received: Received) -> Prepared {
         let correlation_id = uuid::Uuid::now_v7().to_string();
         let (convention, decoded) = self.conventions.decode(&received.topic, &received.payload);
+        let decoded = decoded.and_then(check_subject_lengths);
         let messages = match decoded {
             Ok(Decoded::Events(readings)) => readings
                 .into_iter()
@@ -268,15 +269,61 @@ fn dead_letter(received: &Received, rejection: &Rejection) -> Outgoing {
     }
 }
 
-/// Header values cannot carry line breaks; device-chosen strings may.
-fn header_safe(value: &str) -> std::borrow::Cow<'_, str> {
-    if value.chars().any(char::is_control) {
-        value
-            .chars()
-            .map(|c| if c.is_control() { ' ' } else { c })
-            .collect::<String>()
-            .into()
-    } else {
-        value.into()
+/// The longest event subject hearth publishes. nats-server refuses a
+/// protocol line over 4 KiB (subject, reply subject and sizes) by closing
+/// the connection, which would cut off every other device's publishes too.
+const MAX_SUBJECT: usize = 1024;
+
+/// Rejects readings whose subject would be too long for NATS.
+fn check_subject_lengths(decoded: Decoded) -> Result<Decoded, Rejection> {
+    if let Decoded::Events(readings) = &decoded {
+        for reading in readings {
+            // Escaping at most triples a name: short names need no check.
+            let names = reading.home.len() + reading.room.len() + reading.device.len();
+            if 3 * names + 64 <= MAX_SUBJECT {
+                continue;
+            }
+            let subject = subject::event_subject(
+                &reading.home,
+                &reading.room,
+                reading.body.kind(),
+                &reading.device,
+            );
+            if subject.len() > MAX_SUBJECT {
+                return Err(Rejection::new(
+                    crate::conventions::RejectReason::NameTooLong,
+                    format!(
+                        "the subject would be {} bytes, more than the {MAX_SUBJECT} hearth allows",
+                        subject.len()
+                    ),
+                ));
+            }
+        }
     }
+    Ok(decoded)
+}
+
+/// The longest header value copied from device input.
+const MAX_HEADER_VALUE: usize = 1024;
+
+/// Header values cannot carry line breaks, and must leave the message room
+/// for its payload; device-chosen strings may be long or contain anything.
+fn header_safe(value: &str) -> std::borrow::Cow<'_, str> {
+    let clean = !value.chars().any(char::is_control);
+    if clean && value.len() <= MAX_HEADER_VALUE {
+        return value.into();
+    }
+    let mut safe: String = value
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if safe.len() > MAX_HEADER_VALUE {
+        let mut end = MAX_HEADER_VALUE;
+        while !safe.is_char_boundary(end) {
+            end -= 1;
+        }
+        safe.truncate(end);
+        safe.push('…');
+    }
+    safe.into()
 }

@@ -368,10 +368,18 @@ impl Pipeline {
             // (which this attempt's could not be: it was just acknowledged).
             Ok(_) => {
                 // Skip straight past the generations already recorded rather
-                // than reading back each one in turn; a failed lookup only
-                // costs the walk.
-                let recorded = ingest.generations.get(key).await.unwrap_or(0);
-                entry.generation = entry.generation.max(recorded) + 1;
+                // than reading back each one in turn. The recorded value is
+                // only ever raised: a lookup that fails is retried, never
+                // taken for 0.
+                let recorded = match ingest.generations.get(key).await {
+                    Ok(recorded) => recorded,
+                    Err(error) => {
+                        warn!(%error, "cannot read the recorded generation; retrying");
+                        entry.backoff = pause(entry.backoff).await;
+                        return Settle::Again;
+                    }
+                };
+                entry.generation = entry.generation.max(recorded).saturating_add(1);
                 debug!(
                     generation = entry.generation,
                     "identical repeat of an earlier publish"

@@ -32,6 +32,9 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a write to a device may take: a device that stops reading must
 /// not hold its connection (and its slot) forever.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest client id accepted (MQTT allows 65535 bytes; real devices
+/// use a few dozen).
+const MAX_CLIENT_ID: usize = 256;
 /// How long a connection that took over waits for the previous one.
 const TAKEOVER_WAIT: Duration = Duration::from_secs(15);
 
@@ -103,12 +106,16 @@ impl Connection {
         // pipeline has finished: a retransmission must not look up a
         // generation the old pipeline is still recording.
         let session_lock = claim.session();
-        let _session = match tokio::time::timeout(TAKEOVER_WAIT, session_lock.lock_owned()).await {
-            Ok(guard) => Some(guard),
-            Err(_) => {
-                warn!("the previous connection of this client is still finishing; going ahead");
-                None
-            }
+        let _session = tokio::select! {
+            guard = tokio::time::timeout(TAKEOVER_WAIT, session_lock.lock_owned()) => match guard {
+                Ok(guard) => Some(guard),
+                Err(_) => {
+                    warn!("the previous connection of this client is still finishing; going ahead");
+                    None
+                }
+            },
+            () = self.shutdown.cancelled() => return,
+            () = taken_over.cancelled() => return,
         };
         // Sessions are not kept yet: each connection starts a new one, which
         // is what `session_present = false` tells the client.
@@ -174,6 +181,11 @@ impl Connection {
                         break;
                     };
                     if session.acknowledge(&mut writer, settled).await.is_err() {
+                        break;
+                    }
+                    // Flush what is acknowledged now: the drain may time out
+                    // on a later publish.
+                    if done.is_empty() && writer.flush().await.is_err() {
                         break;
                     }
                 }
@@ -244,6 +256,18 @@ async fn handshake(
         info!("refused: MQTT 5 is not supported yet");
         let _ = writer
             .send(refuse(v4::ConnectReturnCode::RefusedProtocolVersion))
+            .await;
+        return None;
+    }
+    if connect.client_id.len() > MAX_CLIENT_ID {
+        // Every event carries the client id; MQTT lets a server refuse ids
+        // it does not accept.
+        info!(
+            length = connect.client_id.len(),
+            "refused: client id longer than {MAX_CLIENT_ID} bytes"
+        );
+        let _ = writer
+            .send(refuse(v4::ConnectReturnCode::BadClientId))
             .await;
         return None;
     }
