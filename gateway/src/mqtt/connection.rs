@@ -3,10 +3,12 @@
 //! they are stored.
 //!
 //! Flow control is the device's own inflight window: the connection keeps
-//! reading (and answering PINGREQ) while fewer than `max_inflight` publishes
-//! await storage, so a slow store never turns into keep-alive timeouts. A
-//! client that sends more than that without waiting is simply not read from
-//! until storage catches up, which bounds the memory each connection holds.
+//! reading (and answering PINGREQ) while fewer than `max_inflight` QoS 1/2
+//! publishes await storage, so a slow store never turns into keep-alive
+//! timeouts. A client that sends more than that without waiting is simply
+//! not read from until storage catches up. QoS 0 has a lane of its own and
+//! is dropped (and counted) rather than waited for, and every publish holds
+//! a share of the gateway-wide memory budget until it is settled.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -144,7 +146,7 @@ impl Connection {
             awaiting_release: HashSet::new(),
         };
         let stop_pipeline = CancellationToken::new();
-        let (jobs, mut done, pipeline) = match Pipeline::spawn(
+        let (jobs, mut done, mut pipeline) = match Pipeline::spawn(
             Arc::clone(&self.shared.ingest),
             // QoS 0 has a lane of the same size beside QoS 1/2's.
             2 * config.max_inflight,
@@ -196,7 +198,6 @@ impl Connection {
         // Let the pipeline finish the step it is in (see `Pipeline::run`),
         // bounded, before giving the client id to a newer connection.
         stop_pipeline.cancel();
-        let mut pipeline = pipeline;
         if tokio::time::timeout(DRAIN_TIMEOUT, &mut pipeline)
             .await
             .is_err()
