@@ -89,6 +89,11 @@ pub struct MqttConfig {
     /// devices are not read from and QoS 0 publishes are dropped and counted:
     /// the bound on the gateway's memory whatever the number of devices.
     pub max_inflight_bytes: usize,
+    /// Messages per client waiting to be sent to it (matching its
+    /// subscriptions) beyond those it has not acknowledged yet. When a client
+    /// reads too slowly and this is full, newer messages for it are dropped,
+    /// counted and logged: one slow subscriber never holds up the others.
+    pub max_queued: usize,
 }
 
 impl Default for MqttConfig {
@@ -100,6 +105,7 @@ impl Default for MqttConfig {
             max_inflight: 1024,
             connect_timeout: Duration::from_secs(10),
             max_inflight_bytes: 256 * 1024 * 1024,
+            max_queued: 1000,
         }
     }
 }
@@ -341,6 +347,9 @@ impl Config {
                 "mqtt.max_inflight",
                 "must be between 1 and 65535 (MQTT's packet ids)",
             ));
+        }
+        if !(1..=1_000_000).contains(&self.mqtt.max_queued) {
+            return Err(invalid("mqtt.max_queued", "must be between 1 and 1000000"));
         }
         if !(1..=1_000_000).contains(&self.mqtt.max_connections) {
             return Err(invalid(

@@ -25,7 +25,11 @@ struct Health {
     status: &'static str,
     nats: String,
     mqtt_clients: usize,
+    mqtt_subscriptions: usize,
     qos0_dropped: u64,
+    /// Messages for subscribers dropped because the subscriber's queue was
+    /// full (`mqtt.max_queued`).
+    queue_dropped: u64,
 }
 
 pub(crate) async fn serve(listener: TcpListener, state: State, shutdown: CancellationToken) {
@@ -48,7 +52,9 @@ async fn healthz(Extract(state): Extract<State>) -> (StatusCode, Json<Health>) {
         status: if connected { "ok" } else { "degraded" },
         nats: connection.to_string(),
         mqtt_clients: state.mqtt.registry.connected(),
+        mqtt_subscriptions: state.mqtt.router.subscriptions(),
         qos0_dropped: state.mqtt.ingest.qos0_dropped(),
+        queue_dropped: state.mqtt.router.dropped(),
     };
     let code = if connected {
         StatusCode::OK

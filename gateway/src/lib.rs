@@ -8,10 +8,13 @@
 //! - the store pipeline (`ingest`): per connection, decode → encode → publish
 //!   to JetStream, many in flight, acknowledged to the device in order only
 //!   once JetStream stored them;
+//! - the router (`broker`): publish/subscribe between MQTT clients, through
+//!   NATS so that gateways on one cluster act as one broker;
 //! - [`conventions`]: topic and payload conventions (native, Zigbee2MQTT);
 //! - [`jetstream`]: the streams and the exactly-once publishing;
 //! - [`embedded`]: a supervised local nats-server when no NATS URL is given.
 
+mod broker;
 pub mod config;
 pub mod conventions;
 mod deadline;

@@ -37,6 +37,13 @@ pub enum GatewayError {
         source: streams::StreamsError,
     },
     #[error(
+        "cannot load the retained MQTT messages (stream HEARTH_RETAINED) from {url}: {source}"
+    )]
+    Retained {
+        url: String,
+        source: async_nats::Error,
+    },
+    #[error(
         "mqtt.max_packet_size is {max_packet_size} bytes but the NATS server accepts at most \
          {max_payload} bytes per message: lower mqtt.max_packet_size below {} or raise \
          max_payload in the nats-server configuration", .max_payload.saturating_sub(HEADER_ROOM)
@@ -114,9 +121,22 @@ impl Gateway {
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         let connections = TaskTracker::new();
+        let retained = crate::broker::Retained::load(&jetstream, shutdown.clone())
+            .await
+            .map_err(|source| GatewayError::Retained {
+                url: nats_url.clone(),
+                source,
+            })?;
+        let router = crate::broker::Router::new(
+            jetstream.client(),
+            retained,
+            config.mqtt.max_queued,
+            shutdown.clone(),
+        );
         let shared = Arc::new(mqtt::Shared {
             config: config.mqtt.clone(),
             ingest: Arc::clone(&ingest),
+            router,
             registry: mqtt::Registry::default(),
             budget: Arc::new(tokio::sync::Semaphore::new(config.mqtt.max_inflight_bytes)),
         });

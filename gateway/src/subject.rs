@@ -36,6 +36,14 @@ pub const EVENTS_SUBJECTS: &str = "hearth.evt.>";
 pub const COMMANDS_SUBJECTS: &str = "hearth.cmd.>";
 /// Every dead-lettered message (`HEARTH_DLQ`).
 pub const DLQ_SUBJECTS: &str = "hearth.dlq.>";
+/// Every MQTT publish routed between MQTT clients (core NATS, not stored).
+pub const MQTT_SUBJECTS: &str = "hearth.mqtt.>";
+/// Every retained MQTT message (`HEARTH_RETAINED`).
+pub const RETAINED_SUBJECTS: &str = "hearth.retained.>";
+
+/// The token of an empty topic level (`/a`, `a//b`): no level is encoded
+/// to it, since MQTT forbids U+0000 in topics.
+const EMPTY_LEVEL: &str = "%00";
 
 /// A token that is not the output of [`encode_token`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -44,6 +52,8 @@ pub enum SubjectError {
     BadEscape { at: usize },
     #[error("the escapes do not decode to UTF-8 text")]
     NotUtf8,
+    #[error("not the subject of an MQTT topic")]
+    NotATopic,
 }
 
 /// `hearth.evt.<home>.<room>.<kind>.<device>`, each part encoded with
@@ -61,6 +71,60 @@ pub fn event_subject(home: &str, room: &str, kind: &str, device: &str) -> String
 /// `hearth.dlq.gateway.<reason>`, the reason encoded with [`encode_token`].
 pub fn dlq_subject(reason: &str) -> String {
     format!("hearth.dlq.gateway.{}", encode_token(reason))
+}
+
+/// `<prefix>.<level>.<level>...` for an MQTT topic, each level encoded with
+/// [`encode_token`] and an empty level as `%00`; `None` for the empty topic,
+/// which MQTT does not allow.
+fn topic_subject(prefix: &str, topic: &str) -> Option<String> {
+    if topic.is_empty() {
+        return None;
+    }
+    let mut subject = String::with_capacity(prefix.len() + topic.len() + 8);
+    subject.push_str(prefix);
+    for level in topic.split('/') {
+        subject.push('.');
+        if level.is_empty() {
+            subject.push_str(EMPTY_LEVEL);
+        } else {
+            subject.push_str(&encode_token(level));
+        }
+    }
+    Some(subject)
+}
+
+/// `hearth.mqtt.<topic levels>`: where an MQTT publish is routed to
+/// subscribers. `zigbee2mqtt/Living Room/set` is
+/// `hearth.mqtt.zigbee2mqtt.Living%20Room.set`.
+pub fn mqtt_subject(topic: &str) -> Option<String> {
+    topic_subject("hearth.mqtt", topic)
+}
+
+/// `hearth.retained.<topic levels>`: the retained message of a topic.
+pub fn retained_subject(topic: &str) -> Option<String> {
+    topic_subject("hearth.retained", topic)
+}
+
+/// The MQTT topic a `hearth.mqtt.…` or `hearth.retained.…` subject names.
+pub fn subject_topic(subject: &str) -> Result<String, SubjectError> {
+    let levels = subject
+        .strip_prefix("hearth.mqtt.")
+        .or_else(|| subject.strip_prefix("hearth.retained."))
+        .ok_or(SubjectError::NotATopic)?;
+    let mut topic = String::with_capacity(levels.len());
+    for (i, token) in levels.split('.').enumerate() {
+        if i > 0 {
+            topic.push('/');
+        }
+        if token != EMPTY_LEVEL {
+            let level = decode_token(token)?;
+            if level.is_empty() || level.contains(['/', '+', '#', '\0']) {
+                return Err(SubjectError::NotATopic);
+            }
+            topic.push_str(&level);
+        }
+    }
+    Ok(topic)
 }
 
 fn needs_escape(c: char) -> bool {
@@ -259,6 +323,51 @@ mod tests {
         assert_eq!(
             event_subject("home", "kitchen", "temperature", "sensor"),
             "hearth.evt.home.kitchen.temperature.sensor"
+        );
+    }
+
+    #[test]
+    fn mqtt_topics_map_to_subjects_level_by_level_and_back() {
+        for (topic, subject) in [
+            ("a/b/c", "hearth.mqtt.a.b.c"),
+            (
+                "zigbee2mqtt/Living Room.Lamp/set",
+                "hearth.mqtt.zigbee2mqtt.Living%20Room%2ELamp.set",
+            ),
+            ("/a", "hearth.mqtt.%00.a"),
+            ("a//b/", "hearth.mqtt.a.%00.b.%00"),
+            ("/", "hearth.mqtt.%00.%00"),
+            ("$SYS/x*>", "hearth.mqtt.$SYS.x%2A%3E"),
+            ("100%", "hearth.mqtt.100%25"),
+        ] {
+            assert_eq!(mqtt_subject(topic).as_deref(), Some(subject), "{topic}");
+            assert_eq!(subject_topic(subject).as_deref(), Ok(topic), "{subject}");
+        }
+        assert_eq!(mqtt_subject(""), None);
+        assert_eq!(
+            retained_subject("a/b").as_deref(),
+            Some("hearth.retained.a.b")
+        );
+        assert_eq!(subject_topic("hearth.retained.a.b").as_deref(), Ok("a/b"));
+    }
+
+    #[test]
+    fn subjects_that_name_no_topic_are_errors() {
+        for subject in [
+            "hearth.evt.a",
+            "hearth.mqtt.a.%2F",
+            "hearth.mqtt.%2B",
+            "hearth.mqtt.%23.b",
+        ] {
+            assert_eq!(
+                subject_topic(subject),
+                Err(SubjectError::NotATopic),
+                "{subject}"
+            );
+        }
+        assert_eq!(
+            subject_topic("hearth.mqtt.a%"),
+            Err(SubjectError::BadEscape { at: 1 })
         );
     }
 

@@ -195,6 +195,18 @@ async fn the_streams_are_named_described_and_limited_as_configured() {
         .config
         .max_age;
     assert_eq!(dlq, Duration::from_secs(3 * 24 * 3600));
+    let retained = js
+        .get_stream("HEARTH_RETAINED")
+        .await
+        .unwrap()
+        .cached_info()
+        .config
+        .clone();
+    assert_eq!(retained.subjects, ["hearth.retained.>"]);
+    assert_eq!(retained.max_messages_per_subject, 1, "the last of each topic");
+    assert!(retained
+        .description
+        .is_some_and(|d| d.contains("retained MQTT messages")));
     gateway.shutdown().await;
 
     // Started again with other limits, the streams are updated in place.

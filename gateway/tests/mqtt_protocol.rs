@@ -5,7 +5,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use rumqttc::mqttbytes::v4::{self, ConnectReturnCode, Packet, SubscribeReasonCode};
+use rumqttc::mqttbytes::v4::{self, ConnectReturnCode, Packet};
 use rumqttc::mqttbytes::QoS;
 
 #[tokio::test]
@@ -167,31 +167,6 @@ async fn the_first_packet_must_be_connect() {
     let mut client = RawClient::open(gateway.mqtt_addr()).await;
     client.send(Packet::PingReq).await;
     assert!(client.closed_within(PROMPTLY).await);
-    gateway.shutdown().await;
-}
-
-#[tokio::test]
-async fn subscriptions_are_refused_with_the_failure_code_until_routing_exists() {
-    let nats = TestNats::start().await;
-    let gateway = gateway(&nats, |_| {}).await;
-    let (mut app, _) = RawClient::connect(gateway.mqtt_addr(), "app", true, 30).await;
-    let subscribe = v4::Subscribe::new_many([
-        v4::SubscribeFilter::new("hearth/#".into(), QoS::AtLeastOnce),
-        v4::SubscribeFilter::new("zigbee2mqtt/+".into(), QoS::AtMostOnce),
-    ]);
-    let mut subscribe = subscribe;
-    subscribe.pkid = 4;
-    app.send(Packet::Subscribe(subscribe)).await;
-    match app.next().await {
-        Some(Packet::SubAck(ack)) => {
-            assert_eq!(ack.pkid, 4);
-            assert_eq!(
-                ack.return_codes,
-                [SubscribeReasonCode::Failure, SubscribeReasonCode::Failure]
-            );
-        }
-        other => panic!("expected SUBACK, got {other:?}"),
-    }
     gateway.shutdown().await;
 }
 

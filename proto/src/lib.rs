@@ -74,4 +74,7 @@ pub mod headers {
     pub const MQTT_TOPIC: &str = "Hearth-Mqtt-Topic";
     /// The MQTT client id of the original publisher.
     pub const MQTT_CLIENT_ID: &str = "Hearth-Mqtt-Client-Id";
+    /// The QoS (`0`, `1` or `2`) of an MQTT publish routed on
+    /// `hearth.mqtt.>` or retained on `hearth.retained.>`; absent means 0.
+    pub const MQTT_QOS: &str = "Hearth-Mqtt-Qos";
 }

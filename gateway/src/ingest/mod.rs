@@ -37,14 +37,21 @@ pub(crate) struct Received {
     pub(crate) qos: QoS,
     pub(crate) pkid: u16,
     pub(crate) dup: bool,
+    pub(crate) retain: bool,
     pub(crate) received_at: SystemTime,
 }
 
-/// A publish whose fate is settled: the connection may acknowledge it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A publish whose fate is settled: the connection may route it to
+/// subscribers and acknowledge it.
+#[derive(Debug)]
 pub(crate) struct Done {
     pub(crate) pkid: u16,
     pub(crate) qos: QoS,
+    pub(crate) retain: bool,
+    pub(crate) topic: String,
+    pub(crate) payload: Bytes,
+    /// Where a retained publish was stored in `HEARTH_RETAINED`.
+    pub(crate) retained_sequence: Option<u64>,
 }
 
 /// What a stored message is, for its headers.
@@ -58,6 +65,8 @@ enum Meta {
         reason: &'static str,
         detail: String,
     },
+    /// The publish itself, as the topic's retained message.
+    Retained,
 }
 
 /// One message to store. Its headers are built for each publish attempt
@@ -73,16 +82,21 @@ struct Outgoing {
 #[derive(Debug)]
 struct Prepared {
     _budget: Option<tokio::sync::OwnedSemaphorePermit>,
-    done: Done,
+    pkid: u16,
+    qos: QoS,
+    retain: bool,
     dup: bool,
     client_id: std::sync::Arc<str>,
     topic: String,
+    payload: Bytes,
     /// Unique per received publish; tells a retry's duplicate from an older
     /// identical publish (see `jetstream::dedup`).
     correlation_id: String,
     /// `None` for QoS 0, which JetStream need not deduplicate.
     dedup: Option<DedupKey>,
     messages: Vec<Outgoing>,
+    /// Which of `messages` is the retained copy, if any.
+    retained: Option<usize>,
 }
 
 const CONTENT_TYPE: HeaderName = HeaderName::from_static(headers::CONTENT_TYPE);
@@ -94,8 +108,21 @@ const REASON: HeaderName = HeaderName::from_static(headers::REASON);
 const DETAIL: HeaderName = HeaderName::from_static(headers::DETAIL);
 const MQTT_TOPIC: HeaderName = HeaderName::from_static(headers::MQTT_TOPIC);
 const MQTT_CLIENT_ID: HeaderName = HeaderName::from_static(headers::MQTT_CLIENT_ID);
+const MQTT_QOS: HeaderName = HeaderName::from_static(headers::MQTT_QOS);
 
 impl Prepared {
+    /// What the connection needs once this publish is settled.
+    fn done(self, retained_sequence: Option<u64>) -> Done {
+        Done {
+            pkid: self.pkid,
+            qos: self.qos,
+            retain: self.retain,
+            topic: self.topic,
+            payload: self.payload,
+            retained_sequence,
+        }
+    }
+
     /// The headers of message `index` for an attempt at `generation`.
     fn headers(&self, index: usize, generation: u32, encoding: Encoding) -> HeaderMap {
         let message = &self.messages[index];
@@ -106,6 +133,10 @@ impl Prepared {
                 map.insert(SCHEMA, v1::EVENT_SCHEMA);
                 map.insert(EVENT_ID, id.as_str());
                 map.insert(KIND, *kind);
+            }
+            Meta::Retained => {
+                map.insert(MQTT_QOS, crate::broker::qos_digit(self.qos));
+                map.insert(MQTT_CLIENT_ID, &*header_safe(&self.client_id));
             }
             Meta::DeadLetter { reason, detail } => {
                 map.insert(CONTENT_TYPE, "application/octet-stream");
@@ -160,7 +191,7 @@ impl Ingest {
         let correlation_id = uuid::Uuid::now_v7().to_string();
         let (convention, decoded) = self.conventions.decode(&received.topic, &received.payload);
         let decoded = decoded.and_then(check_subject_lengths);
-        let messages = match decoded {
+        let mut messages: Vec<Outgoing> = match decoded {
             Ok(Decoded::Events(readings)) => readings
                 .into_iter()
                 .map(|reading| self.event(&received, convention, &correlation_id, reading))
@@ -171,6 +202,23 @@ impl Ingest {
             }
             Err(rejection) => vec![dead_letter(&received, &rejection)],
         };
+        // The retained copy is stored with the events, before the PUBACK.
+        let retained = received
+            .retain
+            .then(|| subject::retained_subject(&received.topic))
+            .flatten()
+            .filter(|subject| subject.len() <= MAX_SUBJECT)
+            .map(|subject| {
+                messages.push(Outgoing {
+                    subject: Subject::from(subject),
+                    payload: received.payload.clone(),
+                    meta: Meta::Retained,
+                });
+                messages.len() - 1
+            });
+        if received.retain && retained.is_none() {
+            warn!(topic = %received.topic, "topic too long to retain; published, not retained");
+        }
         let dedup = (received.qos != QoS::AtMostOnce).then(|| {
             DedupKey::new(
                 &received.client_id,
@@ -181,16 +229,17 @@ impl Ingest {
         });
         Prepared {
             _budget: received.budget,
-            done: Done {
-                pkid: received.pkid,
-                qos: received.qos,
-            },
+            pkid: received.pkid,
+            qos: received.qos,
+            retain: received.retain,
             dup: received.dup,
             client_id: received.client_id,
             topic: received.topic,
+            payload: received.payload,
             correlation_id,
             dedup,
             messages,
+            retained,
         }
     }
 

@@ -181,7 +181,19 @@ impl Pipeline {
                         let Some(entry) = self.queue.pop_front() else {
                             break;
                         };
-                        if done.send(entry.prepared.done).await.is_err() {
+                        let retained_sequence =
+                            entry
+                                .prepared
+                                .retained
+                                .and_then(|index| match entry.acks.get(index) {
+                                    Some(Some(Ack::Stored { sequence, .. })) => Some(*sequence),
+                                    _ => None,
+                                });
+                        if done
+                            .send(entry.prepared.done(retained_sequence))
+                            .await
+                            .is_err()
+                        {
                             return;
                         }
                     }
@@ -326,7 +338,7 @@ impl Pipeline {
             _ => None,
         });
         if let Some(error) = failure {
-            if entry.prepared.done.qos == QoS::AtMostOnce {
+            if entry.prepared.qos == QoS::AtMostOnce {
                 ingest.count_qos0_drop(&error);
                 return Settle::Done;
             }
@@ -423,7 +435,7 @@ impl Pipeline {
             .iter_mut()
             .filter(|e| e.missing > 0 && e.deadline <= now)
         {
-            if entry.prepared.done.qos == QoS::AtMostOnce {
+            if entry.prepared.qos == QoS::AtMostOnce {
                 // At most once: one attempt, and no reply means not stored
                 // as far as anyone can tell.
                 for ack in entry.acks.iter_mut().filter(|ack| ack.is_none()) {

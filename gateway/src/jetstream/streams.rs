@@ -12,6 +12,9 @@ use crate::subject;
 pub const EVENTS_STREAM: &str = "HEARTH_EVENTS";
 pub const COMMANDS_STREAM: &str = "HEARTH_COMMANDS";
 pub const DLQ_STREAM: &str = "HEARTH_DLQ";
+pub const RETAINED_STREAM: &str = "HEARTH_RETAINED";
+/// The most bytes of retained messages kept; past it the oldest go.
+const RETAINED_MAX_BYTES: i64 = 256 * 1024 * 1024;
 /// KV bucket of the gateway's exactly-once bookkeeping (see `dedup`).
 pub const DEDUP_BUCKET: &str = "hearth_gateway_dedup";
 
@@ -77,6 +80,26 @@ pub fn stream_configs(storage: &StorageConfig) -> [(&'static str, stream::Config
     ]
 }
 
+/// `HEARTH_RETAINED`: the last retained MQTT message of each topic.
+pub fn retained_config(storage: &StorageConfig) -> stream::Config {
+    stream::Config {
+        name: RETAINED_STREAM.to_owned(),
+        description: Some(
+            "hearth retained MQTT messages, the last of each topic, on hearth.retained.<topic levels> (empty = deleted)"
+                .to_owned(),
+        ),
+        subjects: vec![subject::RETAINED_SUBJECTS.to_owned()],
+        max_messages_per_subject: 1,
+        max_bytes: RETAINED_MAX_BYTES,
+        storage: stream::StorageType::File,
+        num_replicas: storage.replicas,
+        duplicate_window: storage.duplicate_window,
+        allow_direct: true,
+        discard: stream::DiscardPolicy::Old,
+        ..Default::default()
+    }
+}
+
 /// Creates or updates the streams and the dedup bucket; returns the bucket.
 pub async fn ensure(
     js: &jetstream::Context,
@@ -87,6 +110,12 @@ pub async fn ensure(
             .await
             .map_err(|source| StreamsError::Stream { name, source })?;
     }
+    js.create_or_update_stream(retained_config(storage))
+        .await
+        .map_err(|source| StreamsError::Stream {
+            name: RETAINED_STREAM,
+            source,
+        })?;
     // The bucket's stream is made here rather than by
     // `create_or_update_key_value`, which first queries account limits in a
     // shape nats-server 2.9 does not answer.

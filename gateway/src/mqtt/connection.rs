@@ -10,7 +10,7 @@
 //! is dropped (and counted) rather than waited for, and every publish holds
 //! a share of the gateway-wide memory budget until it is settled.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use super::Shared;
+use crate::broker::{Delivery, Mailbox};
 use crate::ingest::{Done, Pipeline, Received};
 
 /// How long a closing connection waits for publishes still being stored so
@@ -134,8 +135,13 @@ impl Connection {
             "device connected"
         );
 
+        let (mailbox, mut deliveries) = self.shared.router.mailbox(Arc::clone(&client_id));
         let mut session = Session {
             client_id,
+            router: Arc::clone(&self.shared.router),
+            mailbox,
+            outgoing: Outgoing::default(),
+            retained: VecDeque::new(),
             ingest: Arc::clone(&self.shared.ingest),
             keep_alive: keep_alive_limit(connect.keep_alive),
             max_inflight: config.max_inflight,
@@ -165,8 +171,11 @@ impl Connection {
             .serve(
                 &mut reader,
                 &mut writer,
-                &jobs,
-                &mut done,
+                Channels {
+                    jobs: &jobs,
+                    done: &mut done,
+                    deliveries: &mut deliveries,
+                },
                 &self.shutdown,
                 &taken_over,
             )
@@ -288,8 +297,55 @@ fn keep_alive_limit(keep_alive_secs: u16) -> Option<Duration> {
     (keep_alive_secs > 0).then(|| Duration::from_millis(u64::from(keep_alive_secs) * 1500))
 }
 
+/// What a connection exchanges with the rest of the gateway.
+struct Channels<'a> {
+    /// Publishes to store.
+    jobs: &'a tokio::sync::mpsc::Sender<Received>,
+    /// Publishes stored, in arrival order.
+    done: &'a mut tokio::sync::mpsc::Receiver<Done>,
+    /// Messages matching the client's subscriptions.
+    deliveries: &'a mut tokio::sync::mpsc::Receiver<Delivery>,
+}
+
+/// Messages sent to the client that it has not acknowledged yet.
+#[derive(Debug, Default)]
+struct Outgoing {
+    last_pkid: u16,
+    unacked: HashMap<u16, Awaiting>,
+}
+
+/// What the client owes for a message sent to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Awaiting {
+    /// PUBACK (QoS 1).
+    Ack,
+    /// PUBREC (QoS 2, first step).
+    Received,
+    /// PUBCOMP (QoS 2, after our PUBREL).
+    Complete,
+}
+
+impl Outgoing {
+    /// A packet id not in use; there is one, as fewer than 65535 messages
+    /// are ever unacknowledged (`mqtt.max_inflight`).
+    fn next_pkid(&mut self) -> u16 {
+        loop {
+            self.last_pkid = self.last_pkid.wrapping_add(1);
+            if self.last_pkid != 0 && !self.unacked.contains_key(&self.last_pkid) {
+                return self.last_pkid;
+            }
+        }
+    }
+}
+
 struct Session {
     client_id: Arc<str>,
+    router: Arc<crate::broker::Router>,
+    mailbox: Mailbox,
+    outgoing: Outgoing,
+    /// Retained messages for new subscriptions, sent before anything else
+    /// as the window allows.
+    retained: VecDeque<Delivery>,
     ingest: Arc<crate::ingest::Ingest>,
     keep_alive: Option<Duration>,
     max_inflight: usize,
@@ -311,17 +367,40 @@ impl Session {
         &mut self,
         reader: &mut FramedRead<tokio::net::tcp::OwnedReadHalf, v4::Codec>,
         writer: &mut Writer,
-        jobs: &tokio::sync::mpsc::Sender<Received>,
-        done: &mut tokio::sync::mpsc::Receiver<Done>,
+        channels: Channels<'_>,
         shutdown: &CancellationToken,
         taken_over: &CancellationToken,
     ) -> Closed {
+        let Channels {
+            jobs,
+            done,
+            deliveries,
+        } = channels;
         let far_future = || Instant::now() + Duration::from_secs(86_400 * 365);
         let mut deadline = self
             .keep_alive
             .map_or_else(far_future, |ka| Instant::now() + ka);
         loop {
             let reading = self.inflight < self.max_inflight;
+            let mut sending = self.outgoing.unacked.len() < self.max_inflight;
+            if sending && !self.retained.is_empty() {
+                let written = crate::deadline::within(WRITE_TIMEOUT, async {
+                    while self.outgoing.unacked.len() < self.max_inflight {
+                        let Some(delivery) = self.retained.pop_front() else {
+                            break;
+                        };
+                        self.send(writer, delivery).await?;
+                    }
+                    writer.flush().await
+                })
+                .await;
+                match written {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => return Closed::Io(error.to_string()),
+                    Err(_) => return Closed::Io("the device does not read".into()),
+                }
+                sending = self.retained.is_empty();
+            }
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => return Closed::ShuttingDown,
@@ -348,6 +427,28 @@ impl Session {
                         // Reading resumes now; the silence was ours, not the
                         // client's.
                         deadline = self.keep_alive.map_or_else(far_future, |ka| Instant::now() + ka);
+                    }
+                }
+                delivery = deliveries.recv(), if sending => {
+                    let Some(delivery) = delivery else {
+                        return Closed::Io("MQTT routing stopped".into());
+                    };
+                    let written = crate::deadline::within(WRITE_TIMEOUT, async {
+                        self.send(writer, delivery).await?;
+                        // Send everything else already queued in one write.
+                        while self.outgoing.unacked.len() < self.max_inflight {
+                            let Ok(delivery) = deliveries.try_recv() else {
+                                break;
+                            };
+                            self.send(writer, delivery).await?;
+                        }
+                        writer.flush().await
+                    })
+                    .await;
+                    match written {
+                        Ok(Ok(())) => {}
+                        Ok(Err(error)) => return Closed::Io(error.to_string()),
+                        Err(_) => return Closed::Io("the device does not read".into()),
                     }
                 }
                 packet = reader.next(), if reading => {
@@ -425,6 +526,7 @@ impl Session {
                     qos: publish.qos,
                     pkid: publish.pkid,
                     dup: publish.dup,
+                    retain: publish.retain,
                     received_at: SystemTime::now(),
                 };
                 let qos0 = received.qos == QoS::AtMostOnce;
@@ -460,18 +562,34 @@ impl Session {
             v4::Packet::PingReq => writer.send(v4::Packet::PingResp).await?,
             v4::Packet::Disconnect => return Ok(Some(Closed::ClientDisconnected)),
             v4::Packet::Subscribe(subscribe) => {
-                // Routing to subscribers is not built yet: refuse each filter
-                // with the failure code MQTT provides for exactly this.
-                debug!(
-                    filters = subscribe.filters.len(),
-                    "SUBSCRIBE refused: not supported yet"
-                );
-                let codes = vec![v4::SubscribeReasonCode::Failure; subscribe.filters.len()];
+                let mut codes = Vec::with_capacity(subscribe.filters.len());
+                for filter in &subscribe.filters {
+                    codes.push(self.subscribe(&filter.path, filter.qos).await);
+                }
+                // The retained messages of each new subscription follow the
+                // SUBACK, flagged as retained (3.3.1.3).
+                for (filter, code) in subscribe.filters.iter().zip(&codes) {
+                    let v4::SubscribeReasonCode::Success(granted) = *code else {
+                        continue;
+                    };
+                    for (topic, payload, qos) in self.router.retained().matching(&filter.path) {
+                        self.retained.push_back(Delivery {
+                            topic,
+                            payload,
+                            qos: if granted < qos { granted } else { qos },
+                            retain: true,
+                        });
+                    }
+                }
                 writer
                     .send(v4::Packet::SubAck(v4::SubAck::new(subscribe.pkid, codes)))
                     .await?;
             }
             v4::Packet::Unsubscribe(unsubscribe) => {
+                for filter in &unsubscribe.topics {
+                    self.mailbox.unsubscribe(filter);
+                }
+                debug!(filters = ?unsubscribe.topics, "unsubscribed");
                 writer
                     .send(v4::Packet::UnsubAck(v4::UnsubAck::new(unsubscribe.pkid)))
                     .await?;
@@ -479,9 +597,28 @@ impl Session {
             v4::Packet::Connect(_) => {
                 return Ok(Some(Closed::ProtocolError("second CONNECT".into())))
             }
-            // The gateway sends no publishes yet, so acks from the client
-            // refer to nothing.
-            v4::Packet::PubAck(_) | v4::Packet::PubRec(_) | v4::Packet::PubComp(_) => {}
+            // Acknowledgements of messages we sent; one for a packet id not
+            // awaiting it (a late duplicate) changes nothing.
+            v4::Packet::PubAck(ack) => {
+                if self.outgoing.unacked.get(&ack.pkid) == Some(&Awaiting::Ack) {
+                    self.outgoing.unacked.remove(&ack.pkid);
+                }
+            }
+            v4::Packet::PubRec(received) => {
+                if let Some(state @ (Awaiting::Received | Awaiting::Complete)) =
+                    self.outgoing.unacked.get_mut(&received.pkid)
+                {
+                    *state = Awaiting::Complete;
+                    writer
+                        .send(v4::Packet::PubRel(v4::PubRel::new(received.pkid)))
+                        .await?;
+                }
+            }
+            v4::Packet::PubComp(complete) => {
+                if self.outgoing.unacked.get(&complete.pkid) == Some(&Awaiting::Complete) {
+                    self.outgoing.unacked.remove(&complete.pkid);
+                }
+            }
             other => {
                 return Ok(Some(Closed::ProtocolError(format!(
                     "{:?} is not sent by clients",
@@ -492,12 +629,92 @@ impl Session {
         Ok(None)
     }
 
+    /// Subscribes to one filter; the SUBACK return code.
+    async fn subscribe(&mut self, filter: &str, qos: QoS) -> v4::SubscribeReasonCode {
+        if !mqttbytes::valid_filter(filter) || filter.contains('\0') {
+            info!(filter, "subscription refused: not a valid topic filter");
+            return v4::SubscribeReasonCode::Failure;
+        }
+        match self.mailbox.subscribe(filter, qos).await {
+            Ok(()) => {
+                debug!(filter, ?qos, "subscribed");
+                v4::SubscribeReasonCode::Success(qos)
+            }
+            Err(error) => {
+                warn!(filter, %error, "subscription failed: NATS did not take it");
+                v4::SubscribeReasonCode::Failure
+            }
+        }
+    }
+
+    /// Writes a message for the client's subscriptions (without flushing).
+    async fn send(
+        &mut self,
+        writer: &mut Writer,
+        delivery: Delivery,
+    ) -> Result<(), mqttbytes::Error> {
+        let pkid = match delivery.qos {
+            QoS::AtMostOnce => 0,
+            QoS::AtLeastOnce => self.outgoing.next_pkid(),
+            QoS::ExactlyOnce => self.outgoing.next_pkid(),
+        };
+        let publish = v4::Publish {
+            dup: false,
+            qos: delivery.qos,
+            retain: delivery.retain,
+            topic: delivery.topic.to_string(),
+            pkid,
+            payload: delivery.payload,
+        };
+        match writer.feed(v4::Packet::Publish(publish)).await {
+            Ok(()) => {}
+            Err(mqttbytes::Error::OutgoingPacketTooLarge { pkt_size, max }) => {
+                warn!(topic = %delivery.topic, size = pkt_size, max, "message not sent: larger than mqtt.max_packet_size");
+                return Ok(());
+            }
+            Err(error) => return Err(error),
+        }
+        match delivery.qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => {
+                self.outgoing.unacked.insert(pkid, Awaiting::Ack);
+            }
+            QoS::ExactlyOnce => {
+                self.outgoing.unacked.insert(pkid, Awaiting::Received);
+            }
+        }
+        Ok(())
+    }
+
     /// Writes the acknowledgement of a settled publish (without flushing).
     async fn acknowledge(
         &mut self,
         writer: &mut Writer,
         settled: Done,
     ) -> Result<(), mqttbytes::Error> {
+        // Routed once stored, and once only: a QoS 2 publish the client sent
+        // again before our PUBREC settles a second time.
+        let repeat =
+            settled.qos == QoS::ExactlyOnce && self.awaiting_release.contains(&settled.pkid);
+        if !repeat {
+            if let (true, Some(sequence)) = (settled.retain, settled.retained_sequence) {
+                // Known here at once, not only when the stream is followed:
+                // a subscription made after the PUBACK must find it.
+                self.router.retained().apply(
+                    &settled.topic,
+                    sequence,
+                    settled.payload.clone(),
+                    settled.qos,
+                );
+            }
+            if let Err(error) = self
+                .router
+                .publish(&settled.topic, settled.payload, settled.qos)
+                .await
+            {
+                warn!(topic = %settled.topic, %error, "publish not routed to subscribers");
+            }
+        }
         if settled.qos == QoS::AtMostOnce {
             self.qos0_inflight = self.qos0_inflight.saturating_sub(1);
             return Ok(());

@@ -25,6 +25,8 @@ pub(crate) use registry::Registry;
 pub(crate) struct Shared {
     pub(crate) config: MqttConfig,
     pub(crate) ingest: Arc<Ingest>,
+    /// Publish/subscribe between clients.
+    pub(crate) router: Arc<crate::broker::Router>,
     pub(crate) registry: Registry,
     /// Bytes of publishes in flight across all connections
     /// (`mqtt.max_inflight_bytes`): what bounds the gateway's memory when

@@ -154,6 +154,14 @@ impl RawClient {
         }
     }
 
+    /// The next packet if one comes within `within`.
+    pub async fn next_within(&mut self, within: Duration) -> Option<Packet> {
+        match tokio::time::timeout(within, self.framed.next()).await {
+            Ok(Some(Ok(packet))) => Some(packet),
+            _ => None,
+        }
+    }
+
     /// Whether nothing at all (no packet, no close) came within `within`.
     pub async fn silent_for(&mut self, within: Duration) -> bool {
         tokio::time::timeout(within, self.framed.next())

@@ -1,0 +1,316 @@
+//! Publish/subscribe between MQTT clients, through NATS.
+//!
+//! Every publish a client makes is published on core NATS as
+//! `hearth.mqtt.<topic levels>` (see [`crate::subject::mqtt_subject`]), its
+//! QoS in the `Hearth-Mqtt-Qos` header. Each gateway listens on
+//! `hearth.mqtt.>` once one of its clients subscribed, and hands each
+//! message to its own clients whose subscriptions match, through a bounded
+//! queue per client. So several gateways on one NATS cluster behave as one
+//! broker, and a NATS application can talk to MQTT clients by publishing on
+//! `hearth.mqtt.…` (QoS 0 unless it sets the header).
+//!
+//! The [`Router`] is the one place that knows every local subscription; a
+//! connection holds a [`Mailbox`] (its subscriptions, removed when dropped)
+//! and reads what is routed to it from the receiver that came with it. A
+//! connection that does not keep up loses messages to its own full queue
+//! (dropped, counted, logged), never holding up routing for the others.
+
+mod retained;
+mod subscriptions;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::header::HeaderName;
+use async_nats::{Client, HeaderMap};
+use bytes::Bytes;
+use futures::StreamExt;
+use rumqttc::QoS;
+use tokio::sync::{mpsc, OnceCell};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::subject;
+pub(crate) use retained::Retained;
+use subscriptions::Subscriptions;
+
+const QOS_HEADER: HeaderName = HeaderName::from_static(hearth_proto::headers::MQTT_QOS);
+
+/// A message for one client, matching one or more of its subscriptions.
+#[derive(Debug, Clone)]
+pub(crate) struct Delivery {
+    /// Shared by every client the message goes to.
+    pub(crate) topic: Arc<str>,
+    pub(crate) payload: Bytes,
+    /// The lower of the publish's QoS and the subscription's.
+    pub(crate) qos: QoS,
+    /// Set only for retained messages sent because of a new subscription.
+    pub(crate) retain: bool,
+}
+
+/// Why routing a publish failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RouteError {
+    #[error("topic {0:?} has no NATS subject")]
+    Topic(String),
+    #[error("publishing on NATS failed: {0}")]
+    Publish(#[from] async_nats::PublishError),
+}
+
+#[derive(Debug)]
+pub(crate) struct Router {
+    client: Client,
+    retained: Arc<Retained>,
+    state: Mutex<State>,
+    /// Set once this gateway listens on `hearth.mqtt.>`.
+    listening: OnceCell<()>,
+    max_queued: usize,
+    next_mailbox: AtomicU64,
+    subscriptions: AtomicUsize,
+    dropped: AtomicU64,
+    dropped_logged_at: Mutex<Option<Instant>>,
+    shutdown: CancellationToken,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    subscriptions: Subscriptions<u64>,
+    outboxes: HashMap<u64, Outbox>,
+}
+
+#[derive(Debug)]
+struct Outbox {
+    sender: mpsc::Sender<Delivery>,
+    client_id: Arc<str>,
+}
+
+impl Router {
+    pub(crate) fn new(
+        client: Client,
+        retained: Arc<Retained>,
+        max_queued: usize,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            client,
+            retained,
+            state: Mutex::default(),
+            listening: OnceCell::new(),
+            max_queued,
+            next_mailbox: AtomicU64::new(0),
+            subscriptions: AtomicUsize::new(0),
+            dropped: AtomicU64::new(0),
+            dropped_logged_at: Mutex::new(None),
+            shutdown,
+        })
+    }
+
+    /// A mailbox for a client's subscriptions, and where what they match
+    /// arrives.
+    pub(crate) fn mailbox(
+        self: &Arc<Self>,
+        client_id: Arc<str>,
+    ) -> (Mailbox, mpsc::Receiver<Delivery>) {
+        let id = self.next_mailbox.fetch_add(1, Ordering::Relaxed);
+        let (sender, receiver) = mpsc::channel(self.max_queued);
+        self.state()
+            .outboxes
+            .insert(id, Outbox { sender, client_id });
+        let mailbox = Mailbox {
+            router: Arc::clone(self),
+            id,
+            filters: HashSet::new(),
+        };
+        (mailbox, receiver)
+    }
+
+    /// The retained messages.
+    pub(crate) fn retained(&self) -> &Retained {
+        &self.retained
+    }
+
+    /// Subscriptions of this gateway's clients.
+    pub(crate) fn subscriptions(&self) -> usize {
+        self.subscriptions.load(Ordering::Relaxed)
+    }
+
+    /// Messages dropped since start because a client's queue was full.
+    pub(crate) fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Routes a client's publish to every subscriber of `topic`, on every
+    /// gateway of the cluster. Returns once the NATS client took it.
+    pub(crate) async fn publish(
+        &self,
+        topic: &str,
+        payload: Bytes,
+        qos: QoS,
+    ) -> Result<(), RouteError> {
+        let subject =
+            subject::mqtt_subject(topic).ok_or_else(|| RouteError::Topic(topic.into()))?;
+        if qos == QoS::AtMostOnce {
+            self.client.publish(subject, payload).await?;
+        } else {
+            let mut headers = HeaderMap::new();
+            headers.insert(QOS_HEADER, qos_digit(qos));
+            self.client
+                .publish_with_headers(subject, headers, payload)
+                .await?;
+        }
+        Ok(())
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Subscribes this gateway to `hearth.mqtt.>` the first time a client
+    /// subscribes, and returns once the NATS server knows, so that a
+    /// publish made after the SUBACK is not missed.
+    async fn listen(self: &Arc<Self>) -> Result<(), async_nats::Error> {
+        self.listening
+            .get_or_try_init(|| async {
+                let messages = self.client.subscribe(subject::MQTT_SUBJECTS).await?;
+                self.client.flush().await?;
+                tokio::spawn(Arc::clone(self).dispatch(messages));
+                Ok::<_, async_nats::Error>(())
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn dispatch(self: Arc<Self>, mut messages: async_nats::Subscriber) {
+        loop {
+            let message = tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                message = messages.next() => message,
+            };
+            let Some(message) = message else {
+                warn!("the NATS client closed; MQTT routing stops");
+                return;
+            };
+            let topic = match subject::subject_topic(&message.subject) {
+                Ok(topic) => topic,
+                Err(error) => {
+                    debug!(subject = %message.subject, %error, "not routed");
+                    continue;
+                }
+            };
+            let qos = message
+                .headers
+                .as_ref()
+                .and_then(|headers| headers.get(QOS_HEADER))
+                .and_then(|value| parse_qos(value.as_str()))
+                .unwrap_or(QoS::AtMostOnce);
+            self.deliver(topic.into(), message.payload, qos, false);
+        }
+    }
+
+    /// Queues a message for every local subscriber of `topic`.
+    fn deliver(&self, topic: Arc<str>, payload: Bytes, qos: QoS, retain: bool) {
+        let state = self.state();
+        for (id, granted) in state.subscriptions.matching(&topic) {
+            let Some(outbox) = state.outboxes.get(&id) else {
+                continue;
+            };
+            let delivery = Delivery {
+                topic: Arc::clone(&topic),
+                payload: payload.clone(),
+                qos: if granted < qos { granted } else { qos },
+                retain,
+            };
+            if let Err(mpsc::error::TrySendError::Full(_)) = outbox.sender.try_send(delivery) {
+                self.count_drop(&outbox.client_id, &topic);
+            }
+        }
+    }
+
+    fn count_drop(&self, client_id: &str, topic: &str) {
+        let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut logged_at = self
+            .dropped_logged_at
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        // One line per 10 s at most: a stuck subscriber must not flood the log.
+        if logged_at.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
+            *logged_at = Some(Instant::now());
+            warn!(
+                client_id,
+                topic,
+                dropped_total = dropped,
+                "a client's queue is full (mqtt.max_queued): message for it dropped"
+            );
+        }
+    }
+}
+
+/// A client's subscriptions; dropping it removes them.
+#[derive(Debug)]
+pub(crate) struct Mailbox {
+    router: Arc<Router>,
+    id: u64,
+    filters: HashSet<String>,
+}
+
+impl Mailbox {
+    /// Adds or replaces the subscription to `filter` (a valid filter) and
+    /// returns once messages published from now on will arrive.
+    pub(crate) async fn subscribe(
+        &mut self,
+        filter: &str,
+        qos: QoS,
+    ) -> Result<(), async_nats::Error> {
+        self.router.listen().await?;
+        self.router
+            .state()
+            .subscriptions
+            .insert(filter, self.id, qos);
+        if self.filters.insert(filter.to_owned()) {
+            self.router.subscriptions.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Removes the subscription to `filter`, if there is one.
+    pub(crate) fn unsubscribe(&mut self, filter: &str) {
+        if self.filters.remove(filter) {
+            self.router.state().subscriptions.remove(filter, self.id);
+            self.router.subscriptions.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Mailbox {
+    fn drop(&mut self) {
+        let mut state = self.router.state();
+        for filter in &self.filters {
+            state.subscriptions.remove(filter, self.id);
+        }
+        state.outboxes.remove(&self.id);
+        self.router
+            .subscriptions
+            .fetch_sub(self.filters.len(), Ordering::Relaxed);
+    }
+}
+
+pub(crate) fn qos_digit(qos: QoS) -> &'static str {
+    match qos {
+        QoS::AtMostOnce => "0",
+        QoS::AtLeastOnce => "1",
+        QoS::ExactlyOnce => "2",
+    }
+}
+
+fn parse_qos(digit: &str) -> Option<QoS> {
+    match digit.trim() {
+        "0" => Some(QoS::AtMostOnce),
+        "1" => Some(QoS::AtLeastOnce),
+        "2" => Some(QoS::ExactlyOnce),
+        _ => None,
+    }
+}
