@@ -21,6 +21,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     pbjson_build::Builder::new()
         .out_dir(&out_dir)
         .register_descriptors(&prost::Message::encode_to_vec(&descriptors))?
+        // `{"motion":{"detected":false}}` rather than `{"motion":{}}`: stored events
+        // are read by people in `nats stream view`, and a false reading is a reading.
+        .emit_fields()
         .build(&[".hearth"])?;
     Ok(())
 }

@@ -70,9 +70,10 @@ async fn mosquitto_pub_readings_are_stored() {
         true,
         "zigbee2mqtt contact=false is open"
     );
-    assert!(
-        json(&stored[3])["availability"].get("online").is_none(),
-        "offline is the default false"
+    assert_eq!(
+        json(&stored[3])["availability"]["online"],
+        false,
+        "offline is written out, not omitted as the default"
     );
     gateway.shutdown().await;
 }
@@ -203,7 +204,10 @@ async fn the_streams_are_named_described_and_limited_as_configured() {
         .config
         .clone();
     assert_eq!(retained.subjects, ["hearth.retained.>"]);
-    assert_eq!(retained.max_messages_per_subject, 1, "the last of each topic");
+    assert_eq!(
+        retained.max_messages_per_subject, 1,
+        "the last of each topic"
+    );
     assert!(retained
         .description
         .is_some_and(|d| d.contains("retained MQTT messages")));

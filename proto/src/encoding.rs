@@ -122,7 +122,19 @@ mod tests {
         );
         assert_eq!(json["light"]["on"], true);
         assert_eq!(json["light"]["brightnessPct"], 40);
-        assert!(json.get("causationId").is_none(), "defaults are omitted");
+        // Fields at their default are written too: a false reading is a
+        // reading, and readers of `nats stream view` should see it.
+        assert_eq!(json["causationId"], "");
+        let off = Event {
+            body: Some(Body::Light(LightState {
+                on: false,
+                brightness_pct: None,
+            })),
+            ..sample()
+        };
+        let json: serde_json::Value =
+            serde_json::from_slice(&Encoding::Json.encode(&off)).unwrap();
+        assert_eq!(json["light"]["on"], false);
     }
 
     #[test]
