@@ -610,3 +610,168 @@ async fn a_retained_message_reaches_subscribers_of_another_gateway() {
     east.shutdown().await;
     west.shutdown().await;
 }
+
+/// Connects `client_id` with a will and returns the client.
+async fn connect_with_will(
+    addr: std::net::SocketAddr,
+    client_id: &str,
+    keep_alive: u16,
+    will: v4::LastWill,
+) -> RawClient {
+    let mut client = RawClient::open(addr).await;
+    let mut connect = v4::Connect::new(client_id);
+    connect.keep_alive = keep_alive;
+    connect.last_will = Some(will);
+    client.send(Packet::Connect(connect)).await;
+    assert!(
+        matches!(client.next().await, Some(Packet::ConnAck(ack)) if ack.code == v4::ConnectReturnCode::Success)
+    );
+    client
+}
+
+#[tokio::test]
+async fn the_will_is_published_stored_and_retained_when_a_client_vanishes() {
+    let nats = TestNats::start().await;
+    let gateway = gateway(&nats, |_| {}).await;
+    let addr = gateway.mqtt_addr();
+    let (mut watcher, _) = RawClient::connect(addr, "watcher", true, 30).await;
+    subscribe(
+        &mut watcher,
+        1,
+        &[("hearth/+/+/+/availability", QoS::AtLeastOnce)],
+    )
+    .await;
+
+    let will = v4::LastWill::new(
+        "hearth/home/hall/pir/availability",
+        "offline",
+        QoS::AtLeastOnce,
+        true,
+    );
+    let device = connect_with_will(addr, "pir", 30, will).await;
+    drop(device); // the socket closes without DISCONNECT
+
+    let publish = next_publish(&mut watcher).await;
+    assert_eq!(
+        (publish.topic.as_str(), &publish.payload[..], publish.qos),
+        (
+            "hearth/home/hall/pir/availability",
+            &b"offline"[..],
+            QoS::AtLeastOnce
+        )
+    );
+    watcher
+        .send(Packet::PubAck(v4::PubAck::new(publish.pkid)))
+        .await;
+    // Stored as an availability event of the device...
+    let js = jetstream(&nats).await;
+    let events = stored_at_least(&js, "HEARTH_EVENTS", 1).await;
+    let event = json(&events[0]);
+    assert_eq!(event["device"], "pir");
+    assert_eq!(event["availability"]["online"], false, "{event}");
+    assert_eq!(event["source"]["clientId"], "pir");
+    // ...and, retained, greets later subscribers.
+    let (mut later, _) = RawClient::connect(addr, "later", true, 30).await;
+    subscribe(&mut later, 1, &[("hearth/#", QoS::AtMostOnce)]).await;
+    let greeted = next_publish(&mut later).await;
+    assert!(greeted.retain);
+    assert_eq!(&greeted.payload[..], b"offline");
+    gateway.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_clean_disconnect_publishes_no_will_and_a_keep_alive_timeout_does() {
+    let nats = TestNats::start().await;
+    let gateway = gateway(&nats, |_| {}).await;
+    let addr = gateway.mqtt_addr();
+    let (mut watcher, _) = RawClient::connect(addr, "watcher", true, 30).await;
+    subscribe(&mut watcher, 1, &[("wills/#", QoS::AtMostOnce)]).await;
+
+    let mut polite = connect_with_will(
+        addr,
+        "polite",
+        30,
+        v4::LastWill::new("wills/polite", "gone", QoS::AtMostOnce, false),
+    )
+    .await;
+    polite.send(Packet::Disconnect).await;
+    assert!(polite.closed_within(PROMPTLY).await);
+    assert!(
+        watcher.silent_for(Duration::from_millis(500)).await,
+        "no will after DISCONNECT"
+    );
+
+    // Keep-alive 1 s: silent for 1.5 s, the gateway gives up on it.
+    let _silent = connect_with_will(
+        addr,
+        "silent",
+        1,
+        v4::LastWill::new("wills/silent", "gone", QoS::AtMostOnce, false),
+    )
+    .await;
+    let publish = next_publish(&mut watcher).await;
+    assert_eq!(publish.topic, "wills/silent");
+    gateway.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_invalid_will_topic_closes_the_connection() {
+    let nats = TestNats::start().await;
+    let gateway = gateway(&nats, |_| {}).await;
+    let mut client = RawClient::open(gateway.mqtt_addr()).await;
+    let mut connect = v4::Connect::new("bad-will");
+    connect.last_will = Some(v4::LastWill::new("wills/#", "x", QoS::AtMostOnce, false));
+    client.send(Packet::Connect(connect)).await;
+    assert!(client.closed_within(PROMPTLY).await);
+    gateway.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_will_of_a_killed_mosquitto_client_is_published() {
+    assert!(
+        hearth_test_support::mosquitto_pub_available(),
+        "mosquitto_pub is missing: scripts/setup.sh installs mosquitto-clients"
+    );
+    let nats = TestNats::start().await;
+    let gateway = gateway(&nats, |_| {}).await;
+    let addr = gateway.mqtt_addr();
+    let (mut watcher, _) = RawClient::connect(addr, "watcher", true, 30).await;
+    subscribe(
+        &mut watcher,
+        1,
+        &[("zigbee2mqtt/+/availability", QoS::AtLeastOnce)],
+    )
+    .await;
+    let port = addr.port().to_string();
+    let mut doomed = tokio::process::Command::new("mosquitto_sub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-i",
+            "doomed",
+            "-t",
+            "nothing/here",
+        ])
+        .args([
+            "--will-topic",
+            "zigbee2mqtt/Porch Light/availability",
+            "--will-payload",
+            "offline",
+            "--will-qos",
+            "1",
+        ])
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run mosquitto_sub");
+    wait_for_subscriptions(&gateway, 2).await;
+    doomed.kill().await.expect("SIGKILL mosquitto_sub");
+    let publish = next_publish(&mut watcher).await;
+    assert_eq!(
+        (publish.topic.as_str(), &publish.payload[..]),
+        ("zigbee2mqtt/Porch Light/availability", &b"offline"[..])
+    );
+    gateway.shutdown().await;
+}

@@ -135,6 +135,7 @@ impl Connection {
             "device connected"
         );
 
+        let will = connect.last_will;
         let (mailbox, mut deliveries) = self.shared.router.mailbox(Arc::clone(&client_id));
         let mut session = Session {
             client_id,
@@ -181,9 +182,43 @@ impl Connection {
             )
             .await;
 
+        // The will goes last through the pipeline, stored and routed like
+        // any publish from the client.
+        let will = will.filter(|_| closed.publishes_will()).and_then(|will| {
+            let received = Received {
+                budget: None,
+                client_id: Arc::clone(&session.client_id),
+                topic: will.topic,
+                payload: will.message,
+                qos: will.qos,
+                pkid: 0,
+                dup: false,
+                retain: will.retain,
+                received_at: SystemTime::now(),
+            };
+            jobs.try_send(received).is_ok().then_some(())
+        });
+        drop(jobs);
+        if will.is_some() {
+            info!(reason = ?closed, "publishing the will");
+            let drain = async {
+                // The will is the last to settle; what the client sent
+                // before it is not acknowledged (the connection is gone) and
+                // will come again from the client.
+                let mut last = None;
+                while let Some(settled) = done.recv().await {
+                    last = Some(settled);
+                }
+                if let Some(will) = last {
+                    session.route(will).await;
+                }
+            };
+            if tokio::time::timeout(DRAIN_TIMEOUT, drain).await.is_err() {
+                warn!("the will could not be stored in time; not published");
+            }
+        }
         // Acknowledge what is still being stored, briefly, unless the socket
         // is gone or another connection took over (it will get the resends).
-        drop(jobs);
         if matches!(closed, Closed::ShuttingDown | Closed::ClientDisconnected) {
             let deadline = Instant::now() + DRAIN_TIMEOUT;
             let drain = async {
@@ -225,6 +260,15 @@ impl Connection {
             other => info!(reason = ?other, unacknowledged = session.inflight, "connection closed"),
         }
         drop(claim);
+    }
+}
+
+impl Closed {
+    /// MQTT publishes the will of a connection that ends without DISCONNECT
+    /// (3.1.2.5). Not when the gateway itself stops: its devices are not
+    /// gone, they will reconnect to it or to another gateway.
+    fn publishes_will(&self) -> bool {
+        !matches!(self, Self::ClientDisconnected | Self::ShuttingDown)
     }
 }
 
@@ -280,6 +324,12 @@ async fn handshake(
             .send(refuse(v4::ConnectReturnCode::BadClientId))
             .await;
         return None;
+    }
+    if let Some(will) = &connect.last_will {
+        if will.topic.is_empty() || !mqttbytes::valid_topic(&will.topic) {
+            warn!(topic = %will.topic, "closing connection: the will topic is not a valid topic name");
+            return None;
+        }
     }
     if connect.client_id.is_empty() && !connect.clean_session {
         // A session cannot be resumed under an id the server made up.
@@ -629,6 +679,28 @@ impl Session {
         Ok(None)
     }
 
+    /// Routes a stored publish to subscribers, and records it as the
+    /// topic's retained message if it is one.
+    async fn route(&self, settled: Done) {
+        if let (true, Some(sequence)) = (settled.retain, settled.retained_sequence) {
+            // Known here at once, not only when the stream is followed: a
+            // subscription made after the PUBACK must find it.
+            self.router.retained().apply(
+                &settled.topic,
+                sequence,
+                settled.payload.clone(),
+                settled.qos,
+            );
+        }
+        if let Err(error) = self
+            .router
+            .publish(&settled.topic, settled.payload, settled.qos)
+            .await
+        {
+            warn!(topic = %settled.topic, %error, "publish not routed to subscribers");
+        }
+    }
+
     /// Subscribes to one filter; the SUBACK return code.
     async fn subscribe(&mut self, filter: &str, qos: QoS) -> v4::SubscribeReasonCode {
         if !mqttbytes::valid_filter(filter) || filter.contains('\0') {
@@ -694,44 +766,22 @@ impl Session {
     ) -> Result<(), mqttbytes::Error> {
         // Routed once stored, and once only: a QoS 2 publish the client sent
         // again before our PUBREC settles a second time.
-        let repeat =
-            settled.qos == QoS::ExactlyOnce && self.awaiting_release.contains(&settled.pkid);
+        let (pkid, qos) = (settled.pkid, settled.qos);
+        let repeat = qos == QoS::ExactlyOnce && self.awaiting_release.contains(&pkid);
         if !repeat {
-            if let (true, Some(sequence)) = (settled.retain, settled.retained_sequence) {
-                // Known here at once, not only when the stream is followed:
-                // a subscription made after the PUBACK must find it.
-                self.router.retained().apply(
-                    &settled.topic,
-                    sequence,
-                    settled.payload.clone(),
-                    settled.qos,
-                );
-            }
-            if let Err(error) = self
-                .router
-                .publish(&settled.topic, settled.payload, settled.qos)
-                .await
-            {
-                warn!(topic = %settled.topic, %error, "publish not routed to subscribers");
-            }
+            self.route(settled).await;
         }
-        if settled.qos == QoS::AtMostOnce {
+        if qos == QoS::AtMostOnce {
             self.qos0_inflight = self.qos0_inflight.saturating_sub(1);
             return Ok(());
         }
         self.inflight = self.inflight.saturating_sub(1);
-        match settled.qos {
+        match qos {
             QoS::AtMostOnce => Ok(()),
-            QoS::AtLeastOnce => {
-                writer
-                    .feed(v4::Packet::PubAck(v4::PubAck::new(settled.pkid)))
-                    .await
-            }
+            QoS::AtLeastOnce => writer.feed(v4::Packet::PubAck(v4::PubAck::new(pkid))).await,
             QoS::ExactlyOnce => {
-                self.awaiting_release.insert(settled.pkid);
-                writer
-                    .feed(v4::Packet::PubRec(v4::PubRec::new(settled.pkid)))
-                    .await
+                self.awaiting_release.insert(pkid);
+                writer.feed(v4::Packet::PubRec(v4::PubRec::new(pkid))).await
             }
         }
     }
