@@ -22,6 +22,35 @@ pub struct Config {
     pub http: HttpConfig,
     pub storage: StorageConfig,
     pub conventions: ConventionsConfig,
+    pub commands: CommandsConfig,
+}
+
+/// Delivering `hearth.v1.Command`s from `HEARTH_COMMANDS` to devices.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CommandsConfig {
+    /// Whether this gateway delivers commands (every gateway of a cluster
+    /// may: they share the work).
+    pub enabled: bool,
+    /// How long a device has to acknowledge a command before it is sent
+    /// again.
+    #[serde(with = "humantime_serde")]
+    pub delivery_timeout: Duration,
+    /// A command not delivered within this long after it was issued is
+    /// given up (and dead-lettered): a light switched on an hour late is
+    /// worse than one not switched on.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+}
+
+impl Default for CommandsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            delivery_timeout: Duration::from_secs(5),
+            max_age: Duration::from_secs(600),
+        }
+    }
 }
 
 /// How the gateway reaches NATS.
@@ -346,6 +375,12 @@ impl Config {
             return Err(invalid(
                 "mqtt.max_inflight",
                 "must be between 1 and 65535 (MQTT's packet ids)",
+            ));
+        }
+        if self.commands.delivery_timeout.is_zero() || self.commands.max_age.is_zero() {
+            return Err(invalid(
+                "commands.delivery_timeout",
+                "commands.delivery_timeout and commands.max_age must be above 0",
             ));
         }
         if !(1..=1_000_000).contains(&self.mqtt.max_queued) {

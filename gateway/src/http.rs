@@ -18,6 +18,7 @@ use crate::mqtt::Shared;
 pub(crate) struct State {
     pub(crate) nats: async_nats::Client,
     pub(crate) mqtt: Arc<Shared>,
+    pub(crate) devices: Arc<crate::devices::Devices>,
 }
 
 #[derive(Serialize)]
@@ -26,6 +27,10 @@ struct Health {
     nats: String,
     mqtt_clients: usize,
     mqtt_subscriptions: usize,
+    /// Topics with a retained message.
+    retained_topics: usize,
+    /// Devices whose convention and topic the gateway knows (for commands).
+    devices_known: usize,
     qos0_dropped: u64,
     /// Messages for subscribers dropped because the subscriber's queue was
     /// full (`mqtt.max_queued`).
@@ -53,6 +58,8 @@ async fn healthz(Extract(state): Extract<State>) -> (StatusCode, Json<Health>) {
         nats: connection.to_string(),
         mqtt_clients: state.mqtt.registry.connected(),
         mqtt_subscriptions: state.mqtt.router.subscriptions(),
+        retained_topics: state.mqtt.router.retained().len(),
+        devices_known: state.devices.len(),
         qos0_dropped: state.mqtt.ingest.qos0_dropped(),
         queue_dropped: state.mqtt.router.dropped(),
     };

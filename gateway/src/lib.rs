@@ -15,9 +15,11 @@
 //! - [`embedded`]: a supervised local nats-server when no NATS URL is given.
 
 mod broker;
+mod commands;
 pub mod config;
 pub mod conventions;
 mod deadline;
+mod devices;
 pub mod embedded;
 mod http;
 mod ingest;

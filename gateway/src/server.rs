@@ -36,10 +36,9 @@ pub enum GatewayError {
         url: String,
         source: streams::StreamsError,
     },
-    #[error(
-        "cannot load the retained MQTT messages (stream HEARTH_RETAINED) from {url}: {source}"
-    )]
-    Retained {
+    #[error("cannot load {what} from {url}: {source}")]
+    Load {
+        what: &'static str,
         url: String,
         source: async_nats::Error,
     },
@@ -101,8 +100,22 @@ impl Gateway {
                 max_payload,
             });
         }
+        let shutdown = CancellationToken::new();
+        let load_error = |what: &'static str| {
+            let url = nats_url.clone();
+            move |source| GatewayError::Load { what, url, source }
+        };
+        let devices = crate::devices::Devices::load(&jetstream, shutdown.clone())
+            .await
+            .map_err(load_error("the known devices (stream HEARTH_DEVICES)"))?;
+        let retained = crate::broker::Retained::load(&jetstream, shutdown.clone())
+            .await
+            .map_err(load_error(
+                "the retained MQTT messages (stream HEARTH_RETAINED)",
+            ))?;
         let ingest = Arc::new(Ingest::new(
             Conventions::new(&config.conventions),
+            Arc::clone(&devices),
             jetstream.clone(),
             config.storage.encoding,
             Generations::new(bucket),
@@ -118,15 +131,8 @@ impl Gateway {
         let mqtt_addr = local_addr(&mqtt_listener, config.mqtt.listen);
         let http_addr = local_addr(&http_listener, config.http.listen);
 
-        let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         let connections = TaskTracker::new();
-        let retained = crate::broker::Retained::load(&jetstream, shutdown.clone())
-            .await
-            .map_err(|source| GatewayError::Retained {
-                url: nats_url.clone(),
-                source,
-            })?;
         let router = crate::broker::Router::new(
             jetstream.client(),
             retained,
@@ -140,6 +146,19 @@ impl Gateway {
             registry: mqtt::Registry::default(),
             budget: Arc::new(tokio::sync::Semaphore::new(config.mqtt.max_inflight_bytes)),
         });
+        if config.commands.enabled {
+            let commands = crate::commands::Commands::start(
+                jetstream.clone(),
+                Arc::clone(&shared.router),
+                Arc::clone(&devices),
+                Conventions::new(&config.conventions),
+                config.commands.clone(),
+                shutdown.clone(),
+            )
+            .await
+            .map_err(load_error("the commands consumer (stream HEARTH_COMMANDS)"))?;
+            tasks.spawn(commands);
+        }
         mqtt::log_listening(&mqtt_listener);
         tasks.spawn(
             mqtt::Listener::new(mqtt_listener, Arc::clone(&shared))
@@ -150,6 +169,7 @@ impl Gateway {
             http::State {
                 nats: jetstream.client(),
                 mqtt: shared,
+                devices,
             },
             shutdown.clone(),
         ));

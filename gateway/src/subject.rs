@@ -38,6 +38,8 @@ pub const COMMANDS_SUBJECTS: &str = "hearth.cmd.>";
 pub const DLQ_SUBJECTS: &str = "hearth.dlq.>";
 /// Every MQTT publish routed between MQTT clients (core NATS, not stored).
 pub const MQTT_SUBJECTS: &str = "hearth.mqtt.>";
+/// Every known device's route (`HEARTH_DEVICES`).
+pub const DEVICES_SUBJECTS: &str = "hearth.device.>";
 /// Every retained MQTT message (`HEARTH_RETAINED`).
 pub const RETAINED_SUBJECTS: &str = "hearth.retained.>";
 
@@ -64,6 +66,17 @@ pub fn event_subject(home: &str, room: &str, kind: &str, device: &str) -> String
         encode_token(home),
         encode_token(room),
         encode_token(kind),
+        encode_token(device)
+    )
+}
+
+/// `hearth.device.<home>.<room>.<device>`, each part encoded with
+/// [`encode_token`]: where the gateway records how to reach a device.
+pub fn device_subject(home: &str, room: &str, device: &str) -> String {
+    format!(
+        "hearth.device.{}.{}.{}",
+        encode_token(home),
+        encode_token(room),
         encode_token(device)
     )
 }

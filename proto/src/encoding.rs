@@ -132,8 +132,7 @@ mod tests {
             })),
             ..sample()
         };
-        let json: serde_json::Value =
-            serde_json::from_slice(&Encoding::Json.encode(&off)).unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&Encoding::Json.encode(&off)).unwrap();
         assert_eq!(json["light"]["on"], false);
     }
 

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::header::HeaderName;
-use async_nats::{Client, HeaderMap};
+use async_nats::{Client, HeaderMap, Subject};
 use bytes::Bytes;
 use futures::StreamExt;
 use rumqttc::QoS;
@@ -48,6 +48,10 @@ pub(crate) struct Delivery {
     pub(crate) qos: QoS,
     /// Set only for retained messages sent because of a new subscription.
     pub(crate) retain: bool,
+    /// Where to say that the client has the message (its PUBACK or PUBREC,
+    /// or the write for QoS 0): the reply subject of a publish that asked,
+    /// such as a command's.
+    pub(crate) confirm: Option<Subject>,
 }
 
 /// Why routing a publish failed.
@@ -154,13 +158,36 @@ impl Router {
         if qos == QoS::AtMostOnce {
             self.client.publish(subject, payload).await?;
         } else {
-            let mut headers = HeaderMap::new();
-            headers.insert(QOS_HEADER, qos_digit(qos));
             self.client
-                .publish_with_headers(subject, headers, payload)
+                .publish_with_headers(subject, qos_headers(qos), payload)
                 .await?;
         }
         Ok(())
+    }
+
+    /// Like [`Router::publish`], asking the gateway of a subscriber to say
+    /// on `confirm` once the subscriber has the message (the first to have
+    /// it answers; nobody answers when nobody subscribes).
+    pub(crate) async fn publish_confirmed(
+        &self,
+        topic: &str,
+        payload: Bytes,
+        qos: QoS,
+        confirm: Subject,
+    ) -> Result<(), RouteError> {
+        let subject =
+            subject::mqtt_subject(topic).ok_or_else(|| RouteError::Topic(topic.into()))?;
+        self.client
+            .publish_with_reply_and_headers(subject, confirm, qos_headers(qos), payload)
+            .await?;
+        Ok(())
+    }
+
+    /// Says on `confirm` that a subscriber has a message.
+    pub(crate) async fn confirm(&self, confirm: Subject) {
+        if let Err(error) = self.client.publish(confirm, Bytes::new()).await {
+            debug!(%error, "confirming a delivery failed");
+        }
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -207,12 +234,12 @@ impl Router {
                 .and_then(|headers| headers.get(QOS_HEADER))
                 .and_then(|value| parse_qos(value.as_str()))
                 .unwrap_or(QoS::AtMostOnce);
-            self.deliver(topic.into(), message.payload, qos, false);
+            self.deliver(topic.into(), message.payload, qos, message.reply);
         }
     }
 
     /// Queues a message for every local subscriber of `topic`.
-    fn deliver(&self, topic: Arc<str>, payload: Bytes, qos: QoS, retain: bool) {
+    fn deliver(&self, topic: Arc<str>, payload: Bytes, qos: QoS, confirm: Option<Subject>) {
         let state = self.state();
         for (id, granted) in state.subscriptions.matching(&topic) {
             let Some(outbox) = state.outboxes.get(&id) else {
@@ -222,7 +249,8 @@ impl Router {
                 topic: Arc::clone(&topic),
                 payload: payload.clone(),
                 qos: if granted < qos { granted } else { qos },
-                retain,
+                retain: false,
+                confirm: confirm.clone(),
             };
             if let Err(mpsc::error::TrySendError::Full(_)) = outbox.sender.try_send(delivery) {
                 self.count_drop(&outbox.client_id, &topic);
@@ -296,6 +324,12 @@ impl Drop for Mailbox {
             .subscriptions
             .fetch_sub(self.filters.len(), Ordering::Relaxed);
     }
+}
+
+fn qos_headers(qos: QoS) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(QOS_HEADER, qos_digit(qos));
+    headers
 }
 
 pub(crate) fn qos_digit(qos: QoS) -> &'static str {

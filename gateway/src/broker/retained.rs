@@ -11,17 +11,16 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer};
+use async_nats::jetstream;
 use bytes::Bytes;
-use futures::StreamExt;
 use rumqttc::QoS;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::debug;
 
 use super::subscriptions::matches;
 use super::{parse_qos, QOS_HEADER};
+use crate::jetstream::follow::follow;
 use crate::jetstream::streams::RETAINED_STREAM;
 use crate::subject;
 
@@ -49,64 +48,16 @@ impl Retained {
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, async_nats::Error> {
         let retained = Arc::new(Self::default());
-        let read = |error: async_nats::Error| error;
-        let mut stream = js
-            .get_stream(RETAINED_STREAM)
-            .await
-            .map_err(|e| read(e.into()))?;
-        let total = stream
-            .info()
-            .await
-            .map_err(|e| read(e.into()))?
-            .state
-            .messages;
-        let consumer = stream
-            .create_consumer(consumer::pull::OrderedConfig {
-                description: Some("hearth gateway: mirror of the retained MQTT messages".into()),
-                filter_subject: subject::RETAINED_SUBJECTS.to_owned(),
-                deliver_policy: consumer::DeliverPolicy::LastPerSubject,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| read(e.into()))?;
-        let mut messages = consumer.messages().await.map_err(|e| read(e.into()))?;
-        if total > 0 {
-            // Caught up when the server says nothing is pending.
-            loop {
-                let message = tokio::time::timeout(Duration::from_secs(30), messages.next())
-                    .await
-                    .map_err(|e| read(e.into()))?;
-                let Some(message) = message else { break };
-                let message = message.map_err(|e| read(e.into()))?;
-                let pending = message.info().map(|info| info.pending).unwrap_or(0);
-                retained.apply_message(&message);
-                if pending == 0 {
-                    break;
-                }
-            }
-        }
-        info!(topics = retained.len(), "retained messages loaded");
         let follower = Arc::clone(&retained);
-        tokio::spawn(async move {
-            loop {
-                let message = tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    message = messages.next() => message,
-                };
-                match message {
-                    Some(Ok(message)) => follower.apply_message(&message),
-                    Some(Err(error)) => {
-                        // The ordered consumer recreates itself; a gap is
-                        // filled from where it left off.
-                        debug!(%error, "following {RETAINED_STREAM}");
-                    }
-                    None => {
-                        warn!("stopped following {RETAINED_STREAM}: the NATS client closed");
-                        return;
-                    }
-                }
-            }
-        });
+        follow(
+            js,
+            RETAINED_STREAM,
+            subject::RETAINED_SUBJECTS,
+            "hearth gateway: mirror of the retained MQTT messages",
+            shutdown,
+            move |message| follower.apply_message(message),
+        )
+        .await?;
         Ok(retained)
     }
 

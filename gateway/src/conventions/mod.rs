@@ -5,6 +5,7 @@
 use std::ops::RangeInclusive;
 
 use hearth_proto::v1::event::Body;
+use hearth_proto::v1::Command;
 use pbjson_types::Timestamp;
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -40,6 +41,20 @@ impl Conventions {
             enabled.push(Box::new(zigbee2mqtt::Zigbee2Mqtt::new(&config.zigbee2mqtt)));
         }
         Self { enabled }
+    }
+
+    /// The enabled convention called `name`.
+    pub fn get(&self, name: &str) -> Option<&dyn Convention> {
+        self.enabled
+            .iter()
+            .find(|convention| convention.name() == name)
+            .map(|convention| &**convention)
+    }
+
+    /// The convention of devices hearth knows nothing about: the native one
+    /// when enabled.
+    pub fn fallback(&self) -> Option<&dyn Convention> {
+        self.get("native")
     }
 
     /// Decodes one publish with the convention that claims its topic, and
@@ -166,6 +181,17 @@ pub trait Convention: Send + Sync + std::fmt::Debug {
     /// What a publish under the topic root decodes to; `levels` is the
     /// topic after `<root>/`.
     fn decode_claimed(&self, levels: &str, payload: &[u8]) -> Result<Decoded, Rejection>;
+
+    /// The part of a device's topic that names the device, which its
+    /// command topic extends with `/set`: for native
+    /// `hearth/<home>/<room>/<device>`, for Zigbee2MQTT
+    /// `zigbee2mqtt/<friendly name>`. `None` for a topic that is not a
+    /// device's report.
+    fn device_root<'t>(&self, topic: &'t str) -> Option<&'t str>;
+
+    /// The payload of `command` in this convention's `/set` shape; `None`
+    /// for a command that is not for devices (arming the alarm).
+    fn command_payload(&self, command: &Command) -> Option<Vec<u8>>;
 
     /// `None` when the topic is not this convention's (not under
     /// `<root>/`); otherwise what the publish decodes to.

@@ -28,12 +28,21 @@
 //! send extra diagnostics. `<prefix>/<home>/<room>/<device>/set` and `/get`
 //! are command topics: acknowledged, not events.
 //!
+//! Commands reach a device on `<prefix>/<home>/<room>/<device>/set` in the
+//! shape of its own reports, with the command's ids:
+//!
+//! | command      | payload                                                                   |
+//! |--------------|---------------------------------------------------------------------------|
+//! | `light_set`  | `{"on": true, "brightness_pct": 40, "command_id": "…", "correlation_id": "…"}` (brightness only when set) |
+//! | `siren_set`  | `{"on": true, "command_id": "…", "correlation_id": "…"}`                  |
+//!
 //! Rejections: a payload that is not a JSON object is `bad_payload`; a field
 //! missing or of the wrong type is `missing_field`; a value outside its range
 //! is `out_of_range`; a `ts` that cannot be read is `bad_timestamp`; a kind
 //! not in the table is `unknown_kind`.
 
 use hearth_proto::v1::event::Body;
+use hearth_proto::v1::{command, Command};
 use hearth_proto::v1::{
     Availability, Battery, ButtonPress, Contact, Humidity, Illuminance, LightState, Motion, Smoke,
     Tamper, Temperature, WaterLeak,
@@ -192,6 +201,40 @@ impl Convention for Native {
 
     fn decode_claimed(&self, levels: &str, payload: &[u8]) -> Result<Decoded, Rejection> {
         self.decode_levels(levels, payload)
+    }
+
+    fn device_root<'t>(&self, topic: &'t str) -> Option<&'t str> {
+        let levels = topic
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix('/')?;
+        let (place, kind) = levels.rsplit_once('/')?;
+        if place.split('/').count() != 3 || matches!(kind, "set" | "get") {
+            return None;
+        }
+        Some(&topic[..topic.len() - kind.len() - 1])
+    }
+
+    fn command_payload(&self, command: &Command) -> Option<Vec<u8>> {
+        let mut payload = serde_json::Map::new();
+        match command.body.as_ref()? {
+            command::Body::LightSet(set) => {
+                payload.insert("on".into(), set.on.into());
+                if let Some(brightness) = set.brightness_pct {
+                    payload.insert("brightness_pct".into(), brightness.into());
+                }
+            }
+            command::Body::SirenSet(set) => {
+                payload.insert("on".into(), set.on.into());
+            }
+            command::Body::AlarmArm(_) | command::Body::AlarmDisarm(_) => return None,
+        }
+        // So that a device can tie what it reports back to the command.
+        payload.insert("command_id".into(), command.id.clone().into());
+        payload.insert(
+            "correlation_id".into(),
+            command.correlation_id.clone().into(),
+        );
+        serde_json::to_vec(&payload).ok()
     }
 }
 
@@ -617,5 +660,52 @@ mod tests {
                 RejectReason::BadPayload
             );
         }
+    }
+
+    #[test]
+    fn the_device_root_is_the_topic_without_its_kind() {
+        let native = native();
+        assert_eq!(
+            native.device_root("hearth/home/hall/pir/motion"),
+            Some("hearth/home/hall/pir")
+        );
+        assert_eq!(native.device_root("hearth/home/hall/pir/set"), None);
+        assert_eq!(native.device_root("hearth/home/hall/motion"), None);
+        assert_eq!(native.device_root("zigbee2mqtt/x"), None);
+    }
+
+    #[test]
+    fn commands_are_written_in_the_shape_of_the_readings() {
+        use hearth_proto::v1::{AlarmArm, LightSet, SirenSet};
+        let command = |body| Command {
+            id: "c1".into(),
+            correlation_id: "k1".into(),
+            body: Some(body),
+            ..Default::default()
+        };
+        let json = |body| -> serde_json::Value {
+            serde_json::from_slice(&native().command_payload(&command(body)).unwrap()).unwrap()
+        };
+        assert_eq!(
+            json(command::Body::LightSet(LightSet {
+                on: true,
+                brightness_pct: Some(40)
+            })),
+            serde_json::json!({"on": true, "brightness_pct": 40, "command_id": "c1", "correlation_id": "k1"})
+        );
+        assert_eq!(
+            json(command::Body::LightSet(LightSet {
+                on: false,
+                brightness_pct: None
+            })),
+            serde_json::json!({"on": false, "command_id": "c1", "correlation_id": "k1"})
+        );
+        assert_eq!(
+            json(command::Body::SirenSet(SirenSet { on: true })),
+            serde_json::json!({"on": true, "command_id": "c1", "correlation_id": "k1"})
+        );
+        assert!(native()
+            .command_payload(&command(command::Body::AlarmArm(AlarmArm::default())))
+            .is_none());
     }
 }

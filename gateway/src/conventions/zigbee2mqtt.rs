@@ -12,6 +12,12 @@
 //! - `<base_topic>/bridge` and `<base_topic>/bridge/...`: the bridge's own
 //!   state, logs and device list, acknowledged, not events.
 //!
+//! Commands reach a device on `<base_topic>/<friendly_name>/set` in
+//! Zigbee2MQTT's own shapes: `light_set` as `{"state": "ON", "brightness":
+//! 102}` (brightness 0..=254, only when set), `siren_set` as a `warning`
+//! (`{"mode": "emergency", "level": "very_high", "strobe": true, "duration":
+//! 600}` on, `{"mode": "stop"}` off).
+//!
 //! Each recognised field of a report becomes one event, in this order:
 //!
 //! | field             | event         | notes                                                  |
@@ -52,6 +58,7 @@
 use std::collections::BTreeMap;
 
 use hearth_proto::v1::event::Body;
+use hearth_proto::v1::{command, Command};
 use hearth_proto::v1::{
     Availability, Battery, ButtonPress, Contact, Humidity, Illuminance, LightState, Motion, Smoke,
     Tamper, Temperature, WaterLeak,
@@ -270,6 +277,36 @@ impl Convention for Zigbee2Mqtt {
 
     fn decode_claimed(&self, levels: &str, payload: &[u8]) -> Result<Decoded, Rejection> {
         self.decode_levels(levels, payload)
+    }
+
+    fn device_root<'t>(&self, topic: &'t str) -> Option<&'t str> {
+        let base = self.config.base_topic.as_str();
+        let levels = topic.strip_prefix(base)?.strip_prefix('/')?;
+        match route(levels) {
+            Route::Report(name) | Route::Availability(name) => {
+                Some(&topic[..base.len() + 1 + name.len()])
+            }
+            Route::Bridge | Route::Command => None,
+        }
+    }
+
+    fn command_payload(&self, command: &Command) -> Option<Vec<u8>> {
+        let payload = match command.body.as_ref()? {
+            command::Body::LightSet(set) => {
+                let mut payload = serde_json::json!({ "state": if set.on { "ON" } else { "OFF" } });
+                if let Some(percent) = set.brightness_pct {
+                    let level = (f64::from(percent.min(100)) * 254.0 / 100.0).round() as u32;
+                    payload["brightness"] = level.into();
+                }
+                payload
+            }
+            command::Body::SirenSet(set) if set.on => serde_json::json!({
+                "warning": { "mode": "emergency", "level": "very_high", "strobe": true, "duration": 600 }
+            }),
+            command::Body::SirenSet(_) => serde_json::json!({ "warning": { "mode": "stop" } }),
+            command::Body::AlarmArm(_) | command::Body::AlarmDisarm(_) => return None,
+        };
+        serde_json::to_vec(&payload).ok()
     }
 }
 
@@ -726,5 +763,60 @@ mod tests {
         );
         assert!(serde_json::from_str::<Config>(r#"{"basetopic":"z"}"#).is_err());
         assert!(serde_json::from_str::<Config>(r#"{"devices":{"x":{"rooms":"a"}}}"#).is_err());
+    }
+
+    #[test]
+    fn the_device_root_is_the_base_topic_and_friendly_name() {
+        let z2m = z2m();
+        assert_eq!(
+            z2m.device_root("zigbee2mqtt/Hall/Lamp 2"),
+            Some("zigbee2mqtt/Hall/Lamp 2")
+        );
+        assert_eq!(
+            z2m.device_root("zigbee2mqtt/Hall/Lamp 2/availability"),
+            Some("zigbee2mqtt/Hall/Lamp 2")
+        );
+        assert_eq!(z2m.device_root("zigbee2mqtt/Hall/Lamp 2/set"), None);
+        assert_eq!(z2m.device_root("zigbee2mqtt/bridge/state"), None);
+        assert_eq!(z2m.device_root("hearth/a/b/c/motion"), None);
+    }
+
+    #[test]
+    fn commands_are_written_in_zigbee2mqtt_shapes() {
+        use hearth_proto::v1::{AlarmDisarm, LightSet, SirenSet};
+        let json = |body| -> serde_json::Value {
+            let command = Command {
+                body: Some(body),
+                ..Default::default()
+            };
+            serde_json::from_slice(&z2m().command_payload(&command).unwrap()).unwrap()
+        };
+        assert_eq!(
+            json(command::Body::LightSet(LightSet {
+                on: true,
+                brightness_pct: Some(100)
+            })),
+            serde_json::json!({"state": "ON", "brightness": 254})
+        );
+        assert_eq!(
+            json(command::Body::LightSet(LightSet {
+                on: false,
+                brightness_pct: None
+            })),
+            serde_json::json!({"state": "OFF"})
+        );
+        assert_eq!(
+            json(command::Body::SirenSet(SirenSet { on: false })),
+            serde_json::json!({"warning": {"mode": "stop"}})
+        );
+        assert_eq!(
+            json(command::Body::SirenSet(SirenSet { on: true }))["warning"]["mode"],
+            "emergency"
+        );
+        let disarm = Command {
+            body: Some(command::Body::AlarmDisarm(AlarmDisarm::default())),
+            ..Default::default()
+        };
+        assert!(z2m().command_payload(&disarm).is_none());
     }
 }

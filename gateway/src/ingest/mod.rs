@@ -158,6 +158,7 @@ impl Prepared {
 #[derive(Debug)]
 pub(crate) struct Ingest {
     conventions: Conventions,
+    devices: std::sync::Arc<crate::devices::Devices>,
     js: async_nats::jetstream::Context,
     encoding: Encoding,
     generations: Generations,
@@ -168,12 +169,14 @@ pub(crate) struct Ingest {
 impl Ingest {
     pub(crate) fn new(
         conventions: Conventions,
+        devices: std::sync::Arc<crate::devices::Devices>,
         js: async_nats::jetstream::Context,
         encoding: Encoding,
         generations: Generations,
     ) -> Self {
         Self {
             conventions,
+            devices,
             js,
             encoding,
             generations,
@@ -191,6 +194,9 @@ impl Ingest {
         let correlation_id = uuid::Uuid::now_v7().to_string();
         let (convention, decoded) = self.conventions.decode(&received.topic, &received.payload);
         let decoded = decoded.and_then(check_subject_lengths);
+        if let Ok(Decoded::Events(readings)) = &decoded {
+            self.learn_device(convention, &received, readings);
+        }
         let mut messages: Vec<Outgoing> = match decoded {
             Ok(Decoded::Events(readings)) => readings
                 .into_iter()
@@ -241,6 +247,25 @@ impl Ingest {
             messages,
             retained,
         }
+    }
+
+    /// Tells the device registry which convention and topic the device of
+    /// `readings` (all of one device) uses.
+    fn learn_device(&self, convention: &str, received: &Received, readings: &[Reading]) {
+        let (Some(reading), Some(root)) = (
+            readings.first(),
+            self.conventions
+                .get(convention)
+                .and_then(|c| c.device_root(&received.topic)),
+        ) else {
+            return;
+        };
+        self.devices.learn(
+            convention,
+            root,
+            (&reading.home, &reading.room, &reading.device),
+            &received.client_id,
+        );
     }
 
     fn event(

@@ -2,6 +2,7 @@
 //! exactly-once bookkeeping for device retransmissions ([`dedup`]).
 
 pub mod dedup;
+pub(crate) mod follow;
 pub mod streams;
 
 use std::time::Duration;

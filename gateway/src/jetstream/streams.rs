@@ -13,6 +13,7 @@ pub const EVENTS_STREAM: &str = "HEARTH_EVENTS";
 pub const COMMANDS_STREAM: &str = "HEARTH_COMMANDS";
 pub const DLQ_STREAM: &str = "HEARTH_DLQ";
 pub const RETAINED_STREAM: &str = "HEARTH_RETAINED";
+pub const DEVICES_STREAM: &str = "HEARTH_DEVICES";
 /// The most bytes of retained messages kept; past it the oldest go.
 const RETAINED_MAX_BYTES: i64 = 256 * 1024 * 1024;
 /// KV bucket of the gateway's exactly-once bookkeeping (see `dedup`).
@@ -100,6 +101,25 @@ pub fn retained_config(storage: &StorageConfig) -> stream::Config {
     }
 }
 
+/// `HEARTH_DEVICES`: how to reach each device hearth has seen.
+pub fn devices_config(storage: &StorageConfig) -> stream::Config {
+    stream::Config {
+        name: DEVICES_STREAM.to_owned(),
+        description: Some(
+            "hearth devices seen by the gateway: convention, MQTT topic and client id, on hearth.device.<home>.<room>.<device>"
+                .to_owned(),
+        ),
+        subjects: vec![subject::DEVICES_SUBJECTS.to_owned()],
+        max_messages_per_subject: 1,
+        max_bytes: 64 * 1024 * 1024,
+        storage: stream::StorageType::File,
+        num_replicas: storage.replicas,
+        allow_direct: true,
+        discard: stream::DiscardPolicy::Old,
+        ..Default::default()
+    }
+}
+
 /// Creates or updates the streams and the dedup bucket; returns the bucket.
 pub async fn ensure(
     js: &jetstream::Context,
@@ -114,6 +134,12 @@ pub async fn ensure(
         .await
         .map_err(|source| StreamsError::Stream {
             name: RETAINED_STREAM,
+            source,
+        })?;
+    js.create_or_update_stream(devices_config(storage))
+        .await
+        .map_err(|source| StreamsError::Stream {
+            name: DEVICES_STREAM,
             source,
         })?;
     // The bucket's stream is made here rather than by

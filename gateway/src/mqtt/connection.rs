@@ -361,7 +361,15 @@ struct Channels<'a> {
 #[derive(Debug, Default)]
 struct Outgoing {
     last_pkid: u16,
-    unacked: HashMap<u16, Awaiting>,
+    unacked: HashMap<u16, Unacked>,
+}
+
+/// A message sent to the client, not yet acknowledged.
+#[derive(Debug)]
+struct Unacked {
+    awaiting: Awaiting,
+    /// Told once the client acknowledged (see `Delivery::confirm`).
+    confirm: Option<async_nats::Subject>,
 }
 
 /// What the client owes for a message sent to it.
@@ -628,6 +636,7 @@ impl Session {
                             payload,
                             qos: if granted < qos { granted } else { qos },
                             retain: true,
+                            confirm: None,
                         });
                     }
                 }
@@ -650,22 +659,26 @@ impl Session {
             // Acknowledgements of messages we sent; one for a packet id not
             // awaiting it (a late duplicate) changes nothing.
             v4::Packet::PubAck(ack) => {
-                if self.outgoing.unacked.get(&ack.pkid) == Some(&Awaiting::Ack) {
-                    self.outgoing.unacked.remove(&ack.pkid);
+                if self.awaits(ack.pkid, Awaiting::Ack) {
+                    if let Some(sent) = self.outgoing.unacked.remove(&ack.pkid) {
+                        self.confirm(sent.confirm).await;
+                    }
                 }
             }
             v4::Packet::PubRec(received) => {
-                if let Some(state @ (Awaiting::Received | Awaiting::Complete)) =
-                    self.outgoing.unacked.get_mut(&received.pkid)
-                {
-                    *state = Awaiting::Complete;
-                    writer
-                        .send(v4::Packet::PubRel(v4::PubRel::new(received.pkid)))
-                        .await?;
+                if let Some(sent) = self.outgoing.unacked.get_mut(&received.pkid) {
+                    if matches!(sent.awaiting, Awaiting::Received | Awaiting::Complete) {
+                        sent.awaiting = Awaiting::Complete;
+                        let confirm = sent.confirm.take();
+                        self.confirm(confirm).await;
+                        writer
+                            .send(v4::Packet::PubRel(v4::PubRel::new(received.pkid)))
+                            .await?;
+                    }
                 }
             }
             v4::Packet::PubComp(complete) => {
-                if self.outgoing.unacked.get(&complete.pkid) == Some(&Awaiting::Complete) {
+                if self.awaits(complete.pkid, Awaiting::Complete) {
                     self.outgoing.unacked.remove(&complete.pkid);
                 }
             }
@@ -698,6 +711,20 @@ impl Session {
             .await
         {
             warn!(topic = %settled.topic, %error, "publish not routed to subscribers");
+        }
+    }
+
+    /// Whether message `pkid` sent to the client awaits `what`.
+    fn awaits(&self, pkid: u16, what: Awaiting) -> bool {
+        self.outgoing
+            .unacked
+            .get(&pkid)
+            .is_some_and(|sent| sent.awaiting == what)
+    }
+
+    async fn confirm(&self, confirm: Option<async_nats::Subject>) {
+        if let Some(confirm) = confirm {
+            self.router.confirm(confirm).await;
         }
     }
 
@@ -746,15 +773,22 @@ impl Session {
             }
             Err(error) => return Err(error),
         }
-        match delivery.qos {
-            QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => {
-                self.outgoing.unacked.insert(pkid, Awaiting::Ack);
+        let awaiting = match delivery.qos {
+            // Written is all QoS 0 promises.
+            QoS::AtMostOnce => {
+                self.confirm(delivery.confirm).await;
+                return Ok(());
             }
-            QoS::ExactlyOnce => {
-                self.outgoing.unacked.insert(pkid, Awaiting::Received);
-            }
-        }
+            QoS::AtLeastOnce => Awaiting::Ack,
+            QoS::ExactlyOnce => Awaiting::Received,
+        };
+        self.outgoing.unacked.insert(
+            pkid,
+            Unacked {
+                awaiting,
+                confirm: delivery.confirm,
+            },
+        );
         Ok(())
     }
 
