@@ -15,7 +15,9 @@
 //! reports (`crate::devices`); a device never seen gets the native
 //! convention's `hearth/<home>/<room>/<device>/set`. Commands that are not
 //! for devices (arming the alarm) are acknowledged and left to the house
-//! rules.
+//! rules. For a device with a persistent session subscribed to its command
+//! topic, the command is queued in the session (`crate::sessions`) and
+//! acknowledged once queued: it reaches the device when it is back.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -36,6 +38,7 @@ use crate::config::CommandsConfig;
 use crate::conventions::Conventions;
 use crate::devices::{Devices, Place};
 use crate::jetstream::streams::COMMANDS_STREAM;
+use crate::sessions::Sessions;
 use crate::subject;
 
 /// The durable consumer the gateways share.
@@ -76,6 +79,7 @@ pub(crate) struct Commands {
     js: jetstream::Context,
     router: Arc<Router>,
     devices: Arc<Devices>,
+    sessions: Arc<Sessions>,
     conventions: Conventions,
     config: CommandsConfig,
     inbox: String,
@@ -91,6 +95,7 @@ impl Commands {
         js: jetstream::Context,
         router: Arc<Router>,
         devices: Arc<Devices>,
+        sessions: Arc<Sessions>,
         conventions: Conventions,
         config: CommandsConfig,
         shutdown: CancellationToken,
@@ -126,6 +131,7 @@ impl Commands {
             js,
             router,
             devices,
+            sessions,
             conventions,
             config,
             inbox,
@@ -254,6 +260,34 @@ impl Commands {
                 ack(&message, AckKind::Ack).await;
                 return;
             };
+            // Kept for persistent sessions of the device, connected or not:
+            // that is delivery as far as the command goes.
+            match self
+                .sessions
+                .enqueue(
+                    &topic,
+                    payload.clone().into(),
+                    QoS::AtLeastOnce,
+                    &format!("hearth-command-{sequence}"),
+                )
+                .await
+            {
+                Ok(0) => {}
+                Ok(sessions) => {
+                    info!(topic, sessions, "command queued for persistent sessions");
+                    if let Err(error) = self
+                        .router
+                        .publish(&topic, payload.into(), QoS::AtLeastOnce)
+                        .await
+                    {
+                        debug!(%error, "live copy not routed");
+                    }
+                    self.newest.insert(place, sequence);
+                    ack(&message, AckKind::Ack).await;
+                    return;
+                }
+                Err(error) => warn!(%error, "could not queue the command for persistent sessions"),
+            }
             let confirm = format!("{}.{sequence}", self.inbox);
             if let Err(error) = self
                 .router

@@ -123,6 +123,13 @@ pub struct MqttConfig {
     /// reads too slowly and this is full, newer messages for it are dropped,
     /// counted and logged: one slow subscriber never holds up the others.
     pub max_queued: usize,
+    /// Messages kept per persistent session (clean session = false) while
+    /// its client is away or has not acknowledged them; when full, the
+    /// oldest are dropped.
+    pub max_session_queue: usize,
+    /// How long a message waits for a persistent session's client at most.
+    #[serde(with = "humantime_serde")]
+    pub session_queue_max_age: Duration,
 }
 
 impl Default for MqttConfig {
@@ -135,6 +142,8 @@ impl Default for MqttConfig {
             connect_timeout: Duration::from_secs(10),
             max_inflight_bytes: 256 * 1024 * 1024,
             max_queued: 1000,
+            max_session_queue: 1000,
+            session_queue_max_age: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -381,6 +390,12 @@ impl Config {
             return Err(invalid(
                 "commands.delivery_timeout",
                 "commands.delivery_timeout and commands.max_age must be above 0",
+            ));
+        }
+        if !(1..=1_000_000).contains(&self.mqtt.max_session_queue) {
+            return Err(invalid(
+                "mqtt.max_session_queue",
+                "must be between 1 and 1000000",
             ));
         }
         if !(1..=1_000_000).contains(&self.mqtt.max_queued) {

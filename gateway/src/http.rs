@@ -31,6 +31,8 @@ struct Health {
     retained_topics: usize,
     /// Devices whose convention and topic the gateway knows (for commands).
     devices_known: usize,
+    /// Persistent MQTT sessions kept (connected or not).
+    persistent_sessions: usize,
     qos0_dropped: u64,
     /// Messages for subscribers dropped because the subscriber's queue was
     /// full (`mqtt.max_queued`).
@@ -60,6 +62,7 @@ async fn healthz(Extract(state): Extract<State>) -> (StatusCode, Json<Health>) {
         mqtt_subscriptions: state.mqtt.router.subscriptions(),
         retained_topics: state.mqtt.router.retained().len(),
         devices_known: state.devices.len(),
+        persistent_sessions: state.mqtt.sessions.len(),
         qos0_dropped: state.mqtt.ingest.qos0_dropped(),
         queue_dropped: state.mqtt.router.dropped(),
     };

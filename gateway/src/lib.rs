@@ -26,6 +26,7 @@ mod ingest;
 pub mod jetstream;
 mod mqtt;
 mod server;
+mod sessions;
 pub mod subject;
 
 pub use server::{Gateway, GatewayError};

@@ -113,9 +113,15 @@ impl Gateway {
             .map_err(load_error(
                 "the retained MQTT messages (stream HEARTH_RETAINED)",
             ))?;
+        let sessions = crate::sessions::Sessions::load(&jetstream, shutdown.clone())
+            .await
+            .map_err(load_error(
+                "the persistent MQTT sessions (stream HEARTH_SESSIONS)",
+            ))?;
         let ingest = Arc::new(Ingest::new(
             Conventions::new(&config.conventions),
             Arc::clone(&devices),
+            Arc::clone(&sessions),
             jetstream.clone(),
             config.storage.encoding,
             Generations::new(bucket),
@@ -143,6 +149,7 @@ impl Gateway {
             config: config.mqtt.clone(),
             ingest: Arc::clone(&ingest),
             router,
+            sessions,
             registry: mqtt::Registry::default(),
             budget: Arc::new(tokio::sync::Semaphore::new(config.mqtt.max_inflight_bytes)),
         });
@@ -151,6 +158,7 @@ impl Gateway {
                 jetstream.clone(),
                 Arc::clone(&shared.router),
                 Arc::clone(&devices),
+                Arc::clone(&shared.sessions),
                 Conventions::new(&config.conventions),
                 config.commands.clone(),
                 shutdown.clone(),
@@ -236,7 +244,7 @@ async fn ensure_streams(
     use async_nats::jetstream::context::CreateStreamErrorKind as Kind;
     let mut attempt = 0u32;
     loop {
-        match streams::ensure(jetstream, &config.storage).await {
+        match streams::ensure(jetstream, &config.storage, &config.mqtt).await {
             Ok(bucket) => return Ok(bucket),
             Err(streams::StreamsError::Stream { source, .. })
                 if matches!(source.kind(), Kind::TimedOut | Kind::EmptyStreamName)

@@ -40,6 +40,10 @@ pub const DLQ_SUBJECTS: &str = "hearth.dlq.>";
 pub const MQTT_SUBJECTS: &str = "hearth.mqtt.>";
 /// Every known device's route (`HEARTH_DEVICES`).
 pub const DEVICES_SUBJECTS: &str = "hearth.device.>";
+/// Every persistent MQTT session (`HEARTH_SESSIONS`).
+pub const SESSIONS_SUBJECTS: &str = "hearth.session.>";
+/// Every message queued for a persistent MQTT session (`HEARTH_SESSION_QUEUE`).
+pub const QUEUE_SUBJECTS: &str = "hearth.queue.>";
 /// Every retained MQTT message (`HEARTH_RETAINED`).
 pub const RETAINED_SUBJECTS: &str = "hearth.retained.>";
 
@@ -79,6 +83,27 @@ pub fn device_subject(home: &str, room: &str, device: &str) -> String {
         encode_token(room),
         encode_token(device)
     )
+}
+
+/// `hearth.session.<client id>`: a persistent MQTT session's state.
+pub fn session_subject(client_id: &str) -> String {
+    format!("hearth.session.{}", encode_token(client_id))
+}
+
+/// `hearth.queue.<client id>`: the messages queued for a persistent session.
+pub fn queue_subject(client_id: &str) -> String {
+    format!("hearth.queue.{}", encode_token(client_id))
+}
+
+/// The client id in a `hearth.session.…` or `hearth.queue.…` subject.
+pub fn subject_client_id(subject: &str) -> Option<String> {
+    let token = subject
+        .strip_prefix("hearth.session.")
+        .or_else(|| subject.strip_prefix("hearth.queue."))?;
+    if token.contains('.') {
+        return None;
+    }
+    decode_token(token).ok().filter(|id| !id.is_empty())
 }
 
 /// `hearth.dlq.gateway.<reason>`, the reason encoded with [`encode_token`].

@@ -287,3 +287,30 @@ async fn undeliverable_and_unreadable_commands_are_dead_lettered() {
     acknowledged_through(&js, undelivered.max(garbage)).await;
     gateway.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_command_for_an_away_device_with_a_persistent_session_waits_for_it() {
+    let nats = TestNats::start().await;
+    let gateway = gateway(&nats, |_| {}).await;
+    let js = jetstream(&nats).await;
+    let (mut siren, _) = RawClient::connect(gateway.mqtt_addr(), "siren", false, 30).await;
+    subscribe(&mut siren, "hearth/home/hall/siren/set").await;
+    drop(siren);
+
+    let command = v1::Command {
+        body: Some(command::Body::SirenSet(v1::SirenSet { on: true })),
+        ..light_set("home", "hall", "siren", true, None)
+    };
+    let sequence = issue(&js, &command).await;
+    // Kept for the session: that is delivery as far as JetStream goes.
+    acknowledged_through(&js, sequence).await;
+
+    let (mut siren, ack) = RawClient::connect(gateway.mqtt_addr(), "siren", false, 30).await;
+    assert!(ack.session_present);
+    let publish = next_publish(&mut siren).await;
+    assert_eq!(publish.topic, "hearth/home/hall/siren/set");
+    let payload: serde_json::Value = serde_json::from_slice(&publish.payload).unwrap();
+    assert_eq!(payload["on"], true);
+    assert_eq!(payload["command_id"], command.id.as_str());
+    gateway.shutdown().await;
+}

@@ -34,7 +34,7 @@ use tracing::{debug, warn};
 
 use crate::subject;
 pub(crate) use retained::Retained;
-use subscriptions::Subscriptions;
+pub(crate) use subscriptions::Subscriptions;
 
 const QOS_HEADER: HeaderName = HeaderName::from_static(hearth_proto::headers::MQTT_QOS);
 
@@ -88,6 +88,9 @@ struct State {
 struct Outbox {
     sender: mpsc::Sender<Delivery>,
     client_id: Arc<str>,
+    /// A persistent session gets its QoS 1/2 messages from its queue
+    /// (`crate::sessions`); only QoS 0 live.
+    persistent: bool,
 }
 
 impl Router {
@@ -116,12 +119,18 @@ impl Router {
     pub(crate) fn mailbox(
         self: &Arc<Self>,
         client_id: Arc<str>,
+        persistent: bool,
     ) -> (Mailbox, mpsc::Receiver<Delivery>) {
         let id = self.next_mailbox.fetch_add(1, Ordering::Relaxed);
         let (sender, receiver) = mpsc::channel(self.max_queued);
-        self.state()
-            .outboxes
-            .insert(id, Outbox { sender, client_id });
+        self.state().outboxes.insert(
+            id,
+            Outbox {
+                sender,
+                client_id,
+                persistent,
+            },
+        );
         let mailbox = Mailbox {
             router: Arc::clone(self),
             id,
@@ -245,10 +254,15 @@ impl Router {
             let Some(outbox) = state.outboxes.get(&id) else {
                 continue;
             };
+            let qos = if granted < qos { granted } else { qos };
+            if outbox.persistent && qos != QoS::AtMostOnce {
+                // Comes through the session's queue.
+                continue;
+            }
             let delivery = Delivery {
                 topic: Arc::clone(&topic),
                 payload: payload.clone(),
-                qos: if granted < qos { granted } else { qos },
+                qos,
                 retain: false,
                 confirm: confirm.clone(),
             };
@@ -340,7 +354,7 @@ pub(crate) fn qos_digit(qos: QoS) -> &'static str {
     }
 }
 
-fn parse_qos(digit: &str) -> Option<QoS> {
+pub(crate) fn parse_qos(digit: &str) -> Option<QoS> {
     match digit.trim() {
         "0" => Some(QoS::AtMostOnce),
         "1" => Some(QoS::AtLeastOnce),

@@ -57,7 +57,7 @@ impl<K> Default for Subscriptions<K> {
     }
 }
 
-impl<K: Copy + Eq + Hash> Subscriptions<K> {
+impl<K: Clone + Eq + Hash> Subscriptions<K> {
     /// Adds or replaces `subscriber`'s subscription to `filter`, which must
     /// be a valid filter (`rumqttc::mqttbytes::valid_filter`). Returns
     /// whether it is new.
@@ -144,7 +144,7 @@ fn remove<K: Eq + Hash>(node: &mut Node<K>, levels: &[&str], subscriber: K) -> b
     }
 }
 
-fn collect<K: Copy + Eq + Hash>(
+fn collect<K: Clone + Eq + Hash>(
     node: &Node<K>,
     levels: &[&str],
     depth: usize,
@@ -156,7 +156,7 @@ fn collect<K: Copy + Eq + Hash>(
     let mut add = |subscribers: &HashMap<K, QoS>| {
         for (subscriber, qos) in subscribers {
             found
-                .entry(*subscriber)
+                .entry(subscriber.clone())
                 .and_modify(|best| {
                     if *qos > *best {
                         *best = *qos;
@@ -264,7 +264,7 @@ mod tests {
         assert!(subscriptions.matching("a/b").is_empty());
     }
 
-    impl<K: Copy + Eq + Hash> Subscriptions<K> {
+    impl<K: Clone + Eq + Hash> Subscriptions<K> {
         /// Whether any topic in `TOPICS` still reaches `subscriber`.
         fn matching_any(&self, _filter: &str, subscriber: K) -> bool {
             TOPICS

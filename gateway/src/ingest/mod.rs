@@ -67,6 +67,10 @@ enum Meta {
     },
     /// The publish itself, as the topic's retained message.
     Retained,
+    /// The publish, queued for a persistent session at this QoS.
+    Queued {
+        qos: QoS,
+    },
 }
 
 /// One message to store. Its headers are built for each publish attempt
@@ -134,6 +138,10 @@ impl Prepared {
                 map.insert(EVENT_ID, id.as_str());
                 map.insert(KIND, *kind);
             }
+            Meta::Queued { qos } => {
+                map.insert(MQTT_TOPIC, &*self.topic);
+                map.insert(MQTT_QOS, crate::broker::qos_digit(*qos));
+            }
             Meta::Retained => {
                 map.insert(MQTT_QOS, crate::broker::qos_digit(self.qos));
                 map.insert(MQTT_CLIENT_ID, &*header_safe(&self.client_id));
@@ -159,6 +167,7 @@ impl Prepared {
 pub(crate) struct Ingest {
     conventions: Conventions,
     devices: std::sync::Arc<crate::devices::Devices>,
+    sessions: std::sync::Arc<crate::sessions::Sessions>,
     js: async_nats::jetstream::Context,
     encoding: Encoding,
     generations: Generations,
@@ -170,6 +179,7 @@ impl Ingest {
     pub(crate) fn new(
         conventions: Conventions,
         devices: std::sync::Arc<crate::devices::Devices>,
+        sessions: std::sync::Arc<crate::sessions::Sessions>,
         js: async_nats::jetstream::Context,
         encoding: Encoding,
         generations: Generations,
@@ -177,6 +187,7 @@ impl Ingest {
         Self {
             conventions,
             devices,
+            sessions,
             js,
             encoding,
             generations,
@@ -224,6 +235,15 @@ impl Ingest {
             });
         if received.retain && retained.is_none() {
             warn!(topic = %received.topic, "topic too long to retain; published, not retained");
+        }
+        // Persistent sessions get their copy in their queue, stored before
+        // the PUBACK like the events (see `sessions`).
+        for (client_id, qos) in self.sessions.queued_for(&received.topic, received.qos) {
+            messages.push(Outgoing {
+                subject: Subject::from(subject::queue_subject(&client_id)),
+                payload: received.payload.clone(),
+                meta: Meta::Queued { qos },
+            });
         }
         let dedup = (received.qos != QoS::AtMostOnce).then(|| {
             DedupKey::new(

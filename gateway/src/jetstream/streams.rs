@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, kv, stream};
 
-use crate::config::{RetentionConfig, StorageConfig};
+use crate::config::{MqttConfig, RetentionConfig, StorageConfig};
 use crate::subject;
 
 pub const EVENTS_STREAM: &str = "HEARTH_EVENTS";
@@ -14,6 +14,8 @@ pub const COMMANDS_STREAM: &str = "HEARTH_COMMANDS";
 pub const DLQ_STREAM: &str = "HEARTH_DLQ";
 pub const RETAINED_STREAM: &str = "HEARTH_RETAINED";
 pub const DEVICES_STREAM: &str = "HEARTH_DEVICES";
+pub const SESSIONS_STREAM: &str = "HEARTH_SESSIONS";
+pub const QUEUE_STREAM: &str = "HEARTH_SESSION_QUEUE";
 /// The most bytes of retained messages kept; past it the oldest go.
 const RETAINED_MAX_BYTES: i64 = 256 * 1024 * 1024;
 /// KV bucket of the gateway's exactly-once bookkeeping (see `dedup`).
@@ -101,6 +103,49 @@ pub fn retained_config(storage: &StorageConfig) -> stream::Config {
     }
 }
 
+/// `HEARTH_SESSIONS`: the subscriptions and delivery state of each
+/// persistent MQTT session.
+pub fn sessions_config(storage: &StorageConfig) -> stream::Config {
+    stream::Config {
+        name: SESSIONS_STREAM.to_owned(),
+        description: Some(
+            "hearth persistent MQTT sessions (clean session = false): subscriptions and delivery state, on hearth.session.<client id>"
+                .to_owned(),
+        ),
+        subjects: vec![subject::SESSIONS_SUBJECTS.to_owned()],
+        max_messages_per_subject: 1,
+        max_bytes: 256 * 1024 * 1024,
+        storage: stream::StorageType::File,
+        num_replicas: storage.replicas,
+        allow_direct: true,
+        discard: stream::DiscardPolicy::Old,
+        ..Default::default()
+    }
+}
+
+/// `HEARTH_SESSION_QUEUE`: QoS 1/2 messages for persistent sessions until
+/// their clients acknowledge them; at most `mqtt.max_session_queue` per
+/// session, the oldest dropped first.
+pub fn queue_config(storage: &StorageConfig, mqtt: &MqttConfig) -> stream::Config {
+    stream::Config {
+        name: QUEUE_STREAM.to_owned(),
+        description: Some(
+            "hearth messages for persistent MQTT sessions, until acknowledged, on hearth.queue.<client id>"
+                .to_owned(),
+        ),
+        subjects: vec![subject::QUEUE_SUBJECTS.to_owned()],
+        max_messages_per_subject: i64::try_from(mqtt.max_session_queue).unwrap_or(i64::MAX),
+        max_age: mqtt.session_queue_max_age,
+        max_bytes: 1024 * 1024 * 1024,
+        storage: stream::StorageType::File,
+        num_replicas: storage.replicas,
+        duplicate_window: storage.duplicate_window,
+        allow_direct: true,
+        discard: stream::DiscardPolicy::Old,
+        ..Default::default()
+    }
+}
+
 /// `HEARTH_DEVICES`: how to reach each device hearth has seen.
 pub fn devices_config(storage: &StorageConfig) -> stream::Config {
     stream::Config {
@@ -124,6 +169,7 @@ pub fn devices_config(storage: &StorageConfig) -> stream::Config {
 pub async fn ensure(
     js: &jetstream::Context,
     storage: &StorageConfig,
+    mqtt: &MqttConfig,
 ) -> Result<kv::Store, StreamsError> {
     for (name, config) in stream_configs(storage) {
         js.create_or_update_stream(config)
@@ -136,6 +182,14 @@ pub async fn ensure(
             name: RETAINED_STREAM,
             source,
         })?;
+    for (name, config) in [
+        (SESSIONS_STREAM, sessions_config(storage)),
+        (QUEUE_STREAM, queue_config(storage, mqtt)),
+    ] {
+        js.create_or_update_stream(config)
+            .await
+            .map_err(|source| StreamsError::Stream { name, source })?;
+    }
     js.create_or_update_stream(devices_config(storage))
         .await
         .map_err(|source| StreamsError::Stream {

@@ -25,6 +25,7 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument};
 
+use super::persistent::Persistent;
 use super::Shared;
 use crate::broker::{Delivery, Mailbox};
 use crate::ingest::{Done, Pipeline, Received};
@@ -120,9 +121,36 @@ impl Connection {
             () = self.shutdown.cancelled() => return,
             () = taken_over.cancelled() => return,
         };
-        // Sessions are not kept yet: each connection starts a new one, which
-        // is what `session_present = false` tells the client.
-        let connack = v4::ConnAck::new(v4::ConnectReturnCode::Success, false);
+        let sessions = &self.shared.sessions;
+        let (persistent, session_present) = if connect.clean_session {
+            // A clean session ends whatever was kept under this id.
+            if sessions.get(&client_id).is_some() {
+                if let Err(error) = sessions.discard(&client_id).await {
+                    warn!(%error, "could not end the kept session of this client");
+                }
+            }
+            (None, false)
+        } else {
+            let existing = sessions.get(&client_id);
+            let present = existing.is_some();
+            let record = existing.unwrap_or_default();
+            if !present {
+                if let Err(error) = sessions.save(&client_id, &record).await {
+                    warn!(%error, "refused: cannot keep a persistent session now");
+                    let refuse = v4::ConnAck::new(v4::ConnectReturnCode::ServiceUnavailable, false);
+                    let _ = crate::deadline::within(
+                        WRITE_TIMEOUT,
+                        writer.send(v4::Packet::ConnAck(refuse)),
+                    )
+                    .await;
+                    return;
+                }
+            }
+            let persistent =
+                Persistent::resume(Arc::clone(sessions), Arc::clone(&client_id), record);
+            (Some(persistent), present)
+        };
+        let connack = v4::ConnAck::new(v4::ConnectReturnCode::Success, session_present);
         if !matches!(
             crate::deadline::within(WRITE_TIMEOUT, writer.send(v4::Packet::ConnAck(connack))).await,
             Ok(Ok(()))
@@ -136,13 +164,25 @@ impl Connection {
         );
 
         let will = connect.last_will;
-        let (mailbox, mut deliveries) = self.shared.router.mailbox(Arc::clone(&client_id));
+        let (mut mailbox, mut deliveries) = self
+            .shared
+            .router
+            .mailbox(Arc::clone(&client_id), persistent.is_some());
+        if let Some(persistent) = &persistent {
+            // Live delivery for what is not queued (QoS 0).
+            for (filter, qos) in persistent.subscriptions() {
+                if let Err(error) = mailbox.subscribe(&filter, qos).await {
+                    warn!(%error, filter, "could not restore a subscription");
+                }
+            }
+        }
         let mut session = Session {
             client_id,
             router: Arc::clone(&self.shared.router),
             mailbox,
             outgoing: Outgoing::default(),
             retained: VecDeque::new(),
+            persistent,
             ingest: Arc::clone(&self.shared.ingest),
             keep_alive: keep_alive_limit(connect.keep_alive),
             max_inflight: config.max_inflight,
@@ -248,6 +288,9 @@ impl Connection {
         {
             warn!("the store pipeline did not stop in time; aborting it");
             pipeline.abort();
+        }
+        if let Some(persistent) = session.persistent.take() {
+            persistent.suspend().await;
         }
         match closed {
             Closed::ClientDisconnected => info!("device disconnected"),
@@ -368,6 +411,8 @@ struct Outgoing {
 #[derive(Debug)]
 struct Unacked {
     awaiting: Awaiting,
+    /// Where it is in the session's queue, for a persistent session.
+    sequence: Option<u64>,
     /// Told once the client acknowledged (see `Delivery::confirm`).
     confirm: Option<async_nats::Subject>,
 }
@@ -404,6 +449,8 @@ struct Session {
     /// Retained messages for new subscriptions, sent before anything else
     /// as the window allows.
     retained: VecDeque<Delivery>,
+    /// The kept session, when clean session = false.
+    persistent: Option<Persistent>,
     ingest: Arc<crate::ingest::Ingest>,
     keep_alive: Option<Duration>,
     max_inflight: usize,
@@ -459,6 +506,40 @@ impl Session {
                 }
                 sending = self.retained.is_empty();
             }
+            if sending && self.persistent.as_ref().is_some_and(|p| p.unread) {
+                let written = crate::deadline::within(WRITE_TIMEOUT, async {
+                    let mut wrote = false;
+                    while self.outgoing.unacked.len() < self.max_inflight {
+                        let Some(persistent) = self.persistent.as_mut() else {
+                            break;
+                        };
+                        let Some(queued) = persistent.next().await else {
+                            break;
+                        };
+                        let delivery = Delivery {
+                            topic: queued.topic,
+                            payload: queued.payload,
+                            qos: queued.qos,
+                            retain: false,
+                            confirm: None,
+                        };
+                        self.send_queued(writer, delivery, Some(queued.sequence))
+                            .await?;
+                        wrote = true;
+                    }
+                    if wrote {
+                        writer.flush().await?;
+                    }
+                    Ok::<_, mqttbytes::Error>(())
+                })
+                .await;
+                match written {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => return Closed::Io(error.to_string()),
+                    Err(_) => return Closed::Io("the device does not read".into()),
+                }
+            }
+            let waiting_for_queue = self.persistent.as_ref().is_some_and(|p| !p.unread);
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => return Closed::ShuttingDown,
@@ -507,6 +588,11 @@ impl Session {
                         Ok(Ok(())) => {}
                         Ok(Err(error)) => return Closed::Io(error.to_string()),
                         Err(_) => return Closed::Io("the device does not read".into()),
+                    }
+                }
+                () = woken(self.persistent.as_mut()), if waiting_for_queue => {
+                    if let Some(persistent) = self.persistent.as_mut() {
+                        persistent.unread = true;
                     }
                 }
                 packet = reader.next(), if reading => {
@@ -624,6 +710,30 @@ impl Session {
                 for filter in &subscribe.filters {
                     codes.push(self.subscribe(&filter.path, filter.qos).await);
                 }
+                if let Some(persistent) = self.persistent.as_mut() {
+                    // Kept before the SUBACK: from then on publishes are
+                    // queued for the session.
+                    let granted: Vec<(String, QoS)> = subscribe
+                        .filters
+                        .iter()
+                        .zip(&codes)
+                        .filter_map(|(filter, code)| match code {
+                            v4::SubscribeReasonCode::Success(qos) => {
+                                Some((filter.path.clone(), *qos))
+                            }
+                            v4::SubscribeReasonCode::Failure => None,
+                        })
+                        .collect();
+                    if let Err(error) = persistent.update_subscriptions(&granted, &[]).await {
+                        warn!(%error, "subscriptions not kept for the session; refused");
+                        for (filter, _) in &granted {
+                            self.mailbox.unsubscribe(filter);
+                        }
+                        codes
+                            .iter_mut()
+                            .for_each(|code| *code = v4::SubscribeReasonCode::Failure);
+                    }
+                }
                 // The retained messages of each new subscription follow the
                 // SUBACK, flagged as retained (3.3.1.3).
                 for (filter, code) in subscribe.filters.iter().zip(&codes) {
@@ -648,6 +758,14 @@ impl Session {
                 for filter in &unsubscribe.topics {
                     self.mailbox.unsubscribe(filter);
                 }
+                if let Some(persistent) = self.persistent.as_mut() {
+                    if let Err(error) = persistent
+                        .update_subscriptions(&[], &unsubscribe.topics)
+                        .await
+                    {
+                        warn!(%error, "unsubscription not kept for the session");
+                    }
+                }
                 debug!(filters = ?unsubscribe.topics, "unsubscribed");
                 writer
                     .send(v4::Packet::UnsubAck(v4::UnsubAck::new(unsubscribe.pkid)))
@@ -661,6 +779,7 @@ impl Session {
             v4::Packet::PubAck(ack) => {
                 if self.awaits(ack.pkid, Awaiting::Ack) {
                     if let Some(sent) = self.outgoing.unacked.remove(&ack.pkid) {
+                        self.delivered(sent.sequence).await;
                         self.confirm(sent.confirm).await;
                     }
                 }
@@ -670,6 +789,8 @@ impl Session {
                     if matches!(sent.awaiting, Awaiting::Received | Awaiting::Complete) {
                         sent.awaiting = Awaiting::Complete;
                         let confirm = sent.confirm.take();
+                        let sequence = sent.sequence.take();
+                        self.delivered(sequence).await;
                         self.confirm(confirm).await;
                         writer
                             .send(v4::Packet::PubRel(v4::PubRel::new(received.pkid)))
@@ -722,6 +843,13 @@ impl Session {
             .is_some_and(|sent| sent.awaiting == what)
     }
 
+    /// The client has queue message `sequence` (of its persistent session).
+    async fn delivered(&mut self, sequence: Option<u64>) {
+        if let (Some(sequence), Some(persistent)) = (sequence, self.persistent.as_mut()) {
+            persistent.acknowledged(sequence).await;
+        }
+    }
+
     async fn confirm(&self, confirm: Option<async_nats::Subject>) {
         if let Some(confirm) = confirm {
             self.router.confirm(confirm).await;
@@ -752,13 +880,31 @@ impl Session {
         writer: &mut Writer,
         delivery: Delivery,
     ) -> Result<(), mqttbytes::Error> {
+        self.send_queued(writer, delivery, None).await
+    }
+
+    /// Writes a message (without flushing); `queued` is its place in a
+    /// persistent session's queue.
+    async fn send_queued(
+        &mut self,
+        writer: &mut Writer,
+        delivery: Delivery,
+        queued: Option<u64>,
+    ) -> Result<(), mqttbytes::Error> {
+        let (dup, earlier_pkid) = match (queued, &self.persistent) {
+            (Some(sequence), Some(persistent)) => persistent.resent(sequence),
+            _ => (false, None),
+        };
         let pkid = match delivery.qos {
             QoS::AtMostOnce => 0,
-            QoS::AtLeastOnce => self.outgoing.next_pkid(),
-            QoS::ExactlyOnce => self.outgoing.next_pkid(),
+            _ => match earlier_pkid {
+                // Sent again under its packet id, as MQTT asks.
+                Some(pkid) if pkid != 0 && !self.outgoing.unacked.contains_key(&pkid) => pkid,
+                _ => self.outgoing.next_pkid(),
+            },
         };
         let publish = v4::Publish {
-            dup: false,
+            dup,
             qos: delivery.qos,
             retain: delivery.retain,
             topic: delivery.topic.to_string(),
@@ -786,9 +932,13 @@ impl Session {
             pkid,
             Unacked {
                 awaiting,
+                sequence: queued,
                 confirm: delivery.confirm,
             },
         );
+        if let (Some(sequence), Some(persistent)) = (queued, self.persistent.as_mut()) {
+            persistent.sent(sequence, pkid);
+        }
         Ok(())
     }
 
@@ -818,6 +968,14 @@ impl Session {
                 writer.feed(v4::Packet::PubRec(v4::PubRec::new(pkid))).await
             }
         }
+    }
+}
+
+/// Resolves when a persistent session's queue grew; never without one.
+async fn woken(persistent: Option<&mut Persistent>) {
+    match persistent {
+        Some(persistent) => persistent.woken().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -4,6 +4,7 @@
 //! connection with the same client id take over the first.
 
 mod connection;
+mod persistent;
 mod registry;
 
 use std::sync::Arc;
@@ -27,6 +28,8 @@ pub(crate) struct Shared {
     pub(crate) ingest: Arc<Ingest>,
     /// Publish/subscribe between clients.
     pub(crate) router: Arc<crate::broker::Router>,
+    /// Persistent sessions.
+    pub(crate) sessions: Arc<crate::sessions::Sessions>,
     pub(crate) registry: Registry,
     /// Bytes of publishes in flight across all connections
     /// (`mqtt.max_inflight_bytes`): what bounds the gateway's memory when

@@ -1,0 +1,327 @@
+//! Persistent sessions (clean session = false): subscriptions and QoS 1/2
+//! messages outlive the connection and the gateway; what was in flight comes
+//! again with DUP, in order, under its packet id.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+use rumqttc::mqttbytes::v4::{self, Packet, SubscribeReasonCode};
+use rumqttc::mqttbytes::QoS;
+
+async fn subscribe(client: &mut RawClient, filter: &str, qos: QoS) {
+    let mut subscribe = v4::Subscribe::new(filter, qos);
+    subscribe.pkid = 1;
+    client.send(Packet::Subscribe(subscribe)).await;
+    match client.next().await {
+        Some(Packet::SubAck(ack)) => {
+            assert_eq!(ack.return_codes, [SubscribeReasonCode::Success(qos)])
+        }
+        other => panic!("expected SUBACK, got {other:?}"),
+    }
+}
+
+async fn next_publish(client: &mut RawClient) -> v4::Publish {
+    match client.next().await {
+        Some(Packet::Publish(publish)) => publish,
+        other => panic!("expected PUBLISH, got {other:?}"),
+    }
+}
+
+/// Publishes `payloads` on `topic` at QoS 1 from a fresh client, each
+/// acknowledged.
+async fn publish_all(addr: SocketAddr, topic: &str, payloads: &[&str]) {
+    let (mut publisher, _) = RawClient::connect(addr, "publisher", true, 30).await;
+    for (i, payload) in payloads.iter().enumerate() {
+        let pkid = u16::try_from(i + 1).unwrap();
+        publisher
+            .publish(topic, payload.as_bytes(), QoS::AtLeastOnce, pkid, false)
+            .await;
+        publisher.expect_puback(pkid).await;
+    }
+    publisher.send(Packet::Disconnect).await;
+}
+
+async fn payloads(client: &mut RawClient, count: usize) -> Vec<String> {
+    let mut seen = Vec::new();
+    for _ in 0..count {
+        let publish = next_publish(client).await;
+        client
+            .send(Packet::PubAck(v4::PubAck::new(publish.pkid)))
+            .await;
+        seen.push(String::from_utf8(publish.payload.to_vec()).unwrap());
+    }
+    seen
+}
+
+#[tokio::test]
+async fn messages_published_while_away_are_delivered_on_return_in_order() {
+    let nats = TestNats::start().await;
+    let gateway = gateway(&nats, |_| {}).await;
+    let addr = gateway.mqtt_addr();
+    let (mut app, ack) = RawClient::connect(addr, "away", false, 30).await;
+    assert!(!ack.session_present, "a new session");
+    subscribe(&mut app, "sensors/#", QoS::AtLeastOnce).await;
+    app.send(Packet::Disconnect).await;
+    assert!(app.closed_within(PROMPTLY).await);
+
+    publish_all(addr, "sensors/hall", &["1", "2", "3"]).await;
+
+    let (mut app, ack) = RawClient::connect(addr, "away", false, 30).await;
+    assert!(ack.session_present, "the session was kept");
+    assert_eq!(payloads(&mut app, 3).await, ["1", "2", "3"]);
+    // Live now, without subscribing again.
+    publish_all(addr, "sensors/kitchen", &["4"]).await;
+    assert_eq!(payloads(&mut app, 1).await, ["4"]);
+    app.send(Packet::Disconnect).await;
+    assert!(app.closed_within(PROMPTLY).await);
+
+    // Acknowledged messages do not come again.
+    let (mut app, _) = RawClient::connect(addr, "away", false, 30).await;
+    assert!(app.silent_for(Duration::from_millis(500)).await);
+    gateway.shutdown().await;
+}
+
+#[tokio::test]
+async fn unacknowledged_messages_come_again_with_dup_and_their_packet_ids() {
+    let nats = TestNats::start().await;
+    let gateway = gateway(&nats, |_| {}).await;
+    let addr = gateway.mqtt_addr();
+    let (mut app, _) = RawClient::connect(addr, "forgetful", false, 30).await;
+    subscribe(&mut app, "cmd/#", QoS::AtLeastOnce).await;
+    publish_all(addr, "cmd/x", &["a", "b", "c"]).await;
+    let first: Vec<v4::Publish> = vec![
+        next_publish(&mut app).await,
+        next_publish(&mut app).await,
+        next_publish(&mut app).await,
+    ];
+    assert!(first.iter().all(|p| !p.dup));
+    // Acknowledges only the first, then the connection drops.
+    app.send(Packet::PubAck(v4::PubAck::new(first[0].pkid)))
+        .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(app);
+
+    let (mut app, ack) = RawClient::connect(addr, "forgetful", false, 30).await;
+    assert!(ack.session_present);
+    let again = [next_publish(&mut app).await, next_publish(&mut app).await];
+    assert_eq!(
+        again
+            .iter()
+            .map(|p| (
+                String::from_utf8(p.payload.to_vec()).unwrap(),
+                p.dup,
+                p.pkid
+            ))
+            .collect::<Vec<_>>(),
+        [
+            ("b".to_owned(), true, first[1].pkid),
+            ("c".to_owned(), true, first[2].pkid)
+        ]
+    );
+    gateway.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_session_and_its_queue_survive_a_gateway_restart() {
+    let nats = TestNats::start().await;
+    let first = gateway(&nats, |_| {}).await;
+    let (mut app, _) = RawClient::connect(first.mqtt_addr(), "survivor", false, 30).await;
+    subscribe(&mut app, "alarm/+", QoS::ExactlyOnce).await;
+    drop(app);
+    publish_all(first.mqtt_addr(), "alarm/siren", &["on"]).await;
+    first.shutdown().await;
+
+    let second = gateway(&nats, |_| {}).await;
+    publish_all(second.mqtt_addr(), "alarm/siren", &["off"]).await;
+    let (mut app, ack) = RawClient::connect(second.mqtt_addr(), "survivor", false, 30).await;
+    assert!(ack.session_present);
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let publish = next_publish(&mut app).await;
+        assert_eq!(
+            publish.qos,
+            QoS::AtLeastOnce,
+            "the publish's QoS 1, under the granted 2"
+        );
+        app.send(Packet::PubAck(v4::PubAck::new(publish.pkid)))
+            .await;
+        seen.push(String::from_utf8(publish.payload.to_vec()).unwrap());
+    }
+    assert_eq!(seen, ["on", "off"]);
+    second.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_clean_session_ends_the_kept_one() {
+    let nats = TestNats::start().await;
+    let gateway = gateway(&nats, |_| {}).await;
+    let addr = gateway.mqtt_addr();
+    let (mut app, _) = RawClient::connect(addr, "fickle", false, 30).await;
+    subscribe(&mut app, "x/#", QoS::AtLeastOnce).await;
+    drop(app);
+    publish_all(addr, "x/y", &["kept"]).await;
+
+    let (clean, ack) = RawClient::connect(addr, "fickle", true, 30).await;
+    assert!(!ack.session_present);
+    drop(clean);
+    publish_all(addr, "x/y", &["nobody's"]).await;
+    let (mut app, ack) = RawClient::connect(addr, "fickle", false, 30).await;
+    assert!(!ack.session_present, "ended by the clean session");
+    assert!(
+        app.silent_for(Duration::from_millis(500)).await,
+        "its queue went with it"
+    );
+    gateway.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_full_session_queue_drops_its_oldest_messages() {
+    let nats = TestNats::start().await;
+    let gateway = gateway(&nats, |config| config.mqtt.max_session_queue = 3).await;
+    let addr = gateway.mqtt_addr();
+    let (mut app, _) = RawClient::connect(addr, "slowpoke", false, 30).await;
+    subscribe(&mut app, "load", QoS::AtLeastOnce).await;
+    drop(app);
+    publish_all(addr, "load", &["1", "2", "3", "4", "5"]).await;
+    let (mut app, _) = RawClient::connect(addr, "slowpoke", false, 30).await;
+    assert_eq!(payloads(&mut app, 3).await, ["3", "4", "5"]);
+    assert!(app.silent_for(Duration::from_millis(300)).await);
+    gateway.shutdown().await;
+}
+
+#[tokio::test]
+async fn qos0_is_live_only_for_a_persistent_session() {
+    let nats = TestNats::start().await;
+    let gateway = gateway(&nats, |_| {}).await;
+    let addr = gateway.mqtt_addr();
+    let (mut app, _) = RawClient::connect(addr, "mixed", false, 30).await;
+    subscribe(&mut app, "m/#", QoS::AtLeastOnce).await;
+    let (mut device, _) = RawClient::connect(addr, "dev", true, 30).await;
+    device
+        .publish("m/a", b"zero", QoS::AtMostOnce, 0, false)
+        .await;
+    device
+        .publish("m/a", b"one", QoS::AtLeastOnce, 1, false)
+        .await;
+    device.expect_puback(1).await;
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let publish = next_publish(&mut app).await;
+        if publish.qos == QoS::AtLeastOnce {
+            app.send(Packet::PubAck(v4::PubAck::new(publish.pkid)))
+                .await;
+        }
+        got.push((
+            String::from_utf8(publish.payload.to_vec()).unwrap(),
+            publish.qos,
+        ));
+    }
+    got.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        got,
+        [
+            ("one".to_owned(), QoS::AtLeastOnce),
+            ("zero".to_owned(), QoS::AtMostOnce)
+        ]
+    );
+    assert!(
+        app.silent_for(Duration::from_millis(300)).await,
+        "each once"
+    );
+    drop(app);
+    // Away: QoS 0 is not kept.
+    device
+        .publish("m/a", b"lost", QoS::AtMostOnce, 0, false)
+        .await;
+    device
+        .publish("m/a", b"kept", QoS::AtLeastOnce, 2, false)
+        .await;
+    device.expect_puback(2).await;
+    let (mut app, _) = RawClient::connect(addr, "mixed", false, 30).await;
+    assert_eq!(payloads(&mut app, 1).await, ["kept"]);
+    gateway.shutdown().await;
+}
+
+#[tokio::test]
+async fn mosquitto_clients_keep_a_session_and_get_qos2_exactly_once() {
+    assert!(
+        hearth_test_support::mosquitto_pub_available(),
+        "mosquitto_pub is missing: scripts/setup.sh installs mosquitto-clients"
+    );
+    let nats = TestNats::start().await;
+    let gateway = gateway(&nats, |_| {}).await;
+    let port = gateway.mqtt_addr().port().to_string();
+    let sub = |count: &str| {
+        tokio::process::Command::new("mosquitto_sub")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-i",
+                "mosq-persistent",
+                "-c",
+                "-q",
+                "2",
+            ])
+            .args(["-t", "house/#", "-v", "-C", count, "-W", "20"])
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("run mosquitto_sub")
+    };
+    // Subscribes once, then stays connected for the first message.
+    let first = sub("1");
+    let deadline = tokio::time::Instant::now() + PROMPTLY;
+    while !http_get(gateway.http_addr(), "/healthz")
+        .await
+        .contains("\"mqtt_subscriptions\":1")
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "mosquitto_sub did not subscribe"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let publish = |topic: &'static str, message: &'static str| {
+        let port = port.clone();
+        async move {
+            let status = tokio::process::Command::new("mosquitto_pub")
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &port,
+                    "-q",
+                    "2",
+                    "-t",
+                    topic,
+                    "-m",
+                    message,
+                ])
+                .status()
+                .await
+                .expect("run mosquitto_pub");
+            assert!(status.success());
+        }
+    };
+    publish("house/door", "open").await;
+    let output = first.wait_with_output().await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "house/door open\n");
+
+    // Away: two more, kept in the session.
+    publish("house/door", "closed").await;
+    publish("house/window", "open").await;
+    let output = sub("2").wait_with_output().await.unwrap();
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        "house/door closed\nhouse/window open\n",
+        "each exactly once, in order"
+    );
+    gateway.shutdown().await;
+}
