@@ -48,4 +48,10 @@ hearth is starting. Try, in another terminal:
   curl -s 127.0.0.1:9880/healthz
 HINT
 echo "and, with the NATS CLI:  nats -s nats://127.0.0.1:$nats_port stream ls;  nats -s nats://127.0.0.1:$nats_port sub 'hearth.evt.>'"
+# Anonymous MQTT clients are let in unless a password file is given (see the
+# README, "Authentication").
+if [ -z "${HEARTH_PASSWORD_FILE:-}" ] && [[ " $* " != *" --password-file"* ]]; then
+    echo "run.sh: anonymous MQTT clients are allowed; for passwords see README, Authentication"
+    export HEARTH_ALLOW_ANONYMOUS=true
+fi
 exec target/release/hearth-gateway "$@"

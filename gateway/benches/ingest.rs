@@ -101,6 +101,10 @@ async fn main() {
         println!("\nnats-server {version} ({server})");
 
         let mut config = Config::default();
+        config.auth.allow_anonymous = true;
+        // The bench measures how much the gateway can take, not the per-client
+        // flood protection.
+        config.mqtt.max_publish_rate = 0;
         config.nats.url = Some(nats.url());
         config.mqtt.listen = "127.0.0.1:0".parse().unwrap();
         config.http.listen = "127.0.0.1:0".parse().unwrap();

@@ -11,6 +11,7 @@ use clap::Parser;
 use hearth_proto::Encoding;
 use serde::Deserialize;
 
+use crate::auth::AuthConfig;
 use crate::conventions::ConventionsConfig;
 
 /// The whole configuration, as the TOML file spells it.
@@ -23,6 +24,7 @@ pub struct Config {
     pub storage: StorageConfig,
     pub conventions: ConventionsConfig,
     pub commands: CommandsConfig,
+    pub auth: AuthConfig,
 }
 
 /// Delivering `hearth.v1.Command`s from `HEARTH_COMMANDS` to devices.
@@ -130,6 +132,12 @@ pub struct MqttConfig {
     /// How long a message waits for a persistent session's client at most.
     #[serde(with = "humantime_serde")]
     pub session_queue_max_age: Duration,
+    /// The home the gateway's own events (failed logins) are stored under.
+    pub home: String,
+    /// Publishes per second one client may make; a client above it is read
+    /// more slowly (its TCP window fills, it waits), never dropped, so one
+    /// flooding device cannot starve the others. 0: no limit.
+    pub max_publish_rate: u32,
 }
 
 impl Default for MqttConfig {
@@ -144,6 +152,8 @@ impl Default for MqttConfig {
             max_queued: 1000,
             max_session_queue: 1000,
             session_queue_max_age: Duration::from_secs(7 * 24 * 3600),
+            home: "home".to_owned(),
+            max_publish_rate: 1000,
         }
     }
 }
@@ -301,9 +311,43 @@ pub struct Cli {
     #[arg(long, env = "HEARTH_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
 
+    /// Password file of the MQTT clients (`username:argon2-hash` lines, see
+    /// the passwd command).
+    #[arg(long, env = "HEARTH_PASSWORD_FILE", value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
+    /// Let MQTT clients in without a username and password.
+    #[arg(long, env = "HEARTH_ALLOW_ANONYMOUS")]
+    pub allow_anonymous: bool,
+
     /// Log format: human or json.
     #[arg(long, env = "HEARTH_LOG_FORMAT", default_value = "human", value_parser = ["human", "json"])]
     pub log_format: String,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// What else `hearth-gateway` can do besides running the gateway.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Adds a user to a password file (or changes their password), asking
+    /// for the password; the file holds only Argon2id hashes. A running
+    /// gateway picks the change up within seconds.
+    ///
+    /// Example: hearth-gateway passwd /etc/hearth/passwd kitchen-sensor
+    Passwd {
+        /// The password file (created if missing).
+        file: PathBuf,
+        /// The MQTT username.
+        username: String,
+        /// Read the password from the first line of standard input instead
+        /// of asking (for scripts).
+        #[arg(long)]
+        password_stdin: bool,
+        /// Remove the user instead.
+        #[arg(long, conflicts_with = "password_stdin")]
+        delete: bool,
+    },
 }
 
 /// The configuration could not be loaded; the message says which key and why.
@@ -373,6 +417,10 @@ impl Config {
         set(&mut self.storage.encoding, &cli.encoding);
         set(&mut self.storage.replicas, &cli.replicas);
         set(&mut self.storage.data_dir, &cli.data_dir);
+        set_opt(&mut self.auth.password_file, &cli.password_file);
+        if cli.allow_anonymous {
+            self.auth.allow_anonymous = true;
+        }
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -384,6 +432,14 @@ impl Config {
             return Err(invalid(
                 "mqtt.max_inflight",
                 "must be between 1 and 65535 (MQTT's packet ids)",
+            ));
+        }
+        if self.auth.password_file.is_none() && !self.auth.allow_anonymous {
+            return Err(invalid(
+                "auth",
+                "lets no MQTT client in: give a password file (auth.password_file, \
+                 --password-file; create it with `hearth-gateway passwd FILE USER`) or allow \
+                 anonymous clients (auth.allow_anonymous = true, --allow-anonymous)",
             ));
         }
         if self.commands.delivery_timeout.is_zero() || self.commands.max_age.is_zero() {
@@ -486,9 +542,26 @@ impl Config {
 mod tests {
     use super::*;
 
+    /// The defaults, with anonymous clients allowed: otherwise nobody gets in.
+    fn open() -> Config {
+        let mut config = Config::default();
+        config.auth.allow_anonymous = true;
+        config
+    }
+
+    #[test]
+    fn by_default_nobody_gets_in_and_the_error_says_what_to_do() {
+        let err = Config::default().validate().unwrap_err().to_string();
+        assert!(err.contains("hearth-gateway passwd"), "{err}");
+        assert!(err.contains("--allow-anonymous"), "{err}");
+        let mut config = Config::default();
+        config.auth.password_file = Some("/etc/hearth/passwd".into());
+        config.validate().unwrap();
+    }
+
     #[test]
     fn defaults_are_valid_and_listen_where_documented() {
-        let config = Config::default();
+        let config = open();
         config.validate().unwrap();
         assert_eq!(config.mqtt.listen.to_string(), "0.0.0.0:1883");
         assert_eq!(config.http.listen.to_string(), "127.0.0.1:9880");
@@ -564,17 +637,17 @@ mod tests {
 
     #[test]
     fn validation_names_the_wrong_key() {
-        let mut config = Config::default();
+        let mut config = open();
         config.storage.replicas = 7;
         let err = config.validate().unwrap_err().to_string();
         assert!(err.contains("storage.replicas"), "{err}");
 
-        let mut config = Config::default();
+        let mut config = open();
         config.conventions.zigbee2mqtt.base_topic = "z2m/#".into();
         let err = config.validate().unwrap_err().to_string();
         assert!(err.contains("conventions.zigbee2mqtt.base_topic"), "{err}");
 
-        let mut config = Config::default();
+        let mut config = open();
         config.storage.dlq.max_age = Duration::from_secs(10);
         let err = config.validate().unwrap_err().to_string();
         assert!(err.contains("storage.dlq.max_age"), "{err}");

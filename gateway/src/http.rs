@@ -33,6 +33,14 @@ struct Health {
     devices_known: usize,
     /// Persistent MQTT sessions kept (connected or not).
     persistent_sessions: usize,
+    /// Connections refused since start (failed logins).
+    refused_connections: u64,
+    /// Publishes and subscriptions the ACL denied since start.
+    denied_publishes: u64,
+    denied_subscriptions: u64,
+    /// Times a client was slowed down for publishing faster than
+    /// `mqtt.max_publish_rate`.
+    throttled: u64,
     qos0_dropped: u64,
     /// Messages for subscribers dropped because the subscriber's queue was
     /// full (`mqtt.max_queued`).
@@ -55,6 +63,9 @@ pub(crate) async fn serve(listener: TcpListener, state: State, shutdown: Cancell
 async fn healthz(Extract(state): Extract<State>) -> (StatusCode, Json<Health>) {
     let connection = state.nats.connection_state();
     let connected = matches!(connection, async_nats::connection::State::Connected);
+    let counters = &state.mqtt.auth.counters;
+    let load =
+        |counter: &std::sync::atomic::AtomicU64| counter.load(std::sync::atomic::Ordering::Relaxed);
     let health = Health {
         status: if connected { "ok" } else { "degraded" },
         nats: connection.to_string(),
@@ -63,6 +74,10 @@ async fn healthz(Extract(state): Extract<State>) -> (StatusCode, Json<Health>) {
         retained_topics: state.mqtt.router.retained().len(),
         devices_known: state.devices.len(),
         persistent_sessions: state.mqtt.sessions.len(),
+        refused_connections: load(&counters.refused_connections),
+        denied_publishes: load(&counters.denied_publishes),
+        denied_subscriptions: load(&counters.denied_subscriptions),
+        throttled: load(&counters.throttled),
         qos0_dropped: state.mqtt.ingest.qos0_dropped(),
         queue_dropped: state.mqtt.router.dropped(),
     };

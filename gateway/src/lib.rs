@@ -14,6 +14,7 @@
 //! - [`jetstream`]: the streams and the exactly-once publishing;
 //! - [`embedded`]: a supervised local nats-server when no NATS URL is given.
 
+pub mod auth;
 mod broker;
 mod commands;
 pub mod config;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{anyhow, Context};
 use clap::Parser;
-use hearth_gateway::config::{Cli, Config};
+use hearth_gateway::config::{Cli, Command, Config};
 use hearth_gateway::Gateway;
 use tracing_subscriber::EnvFilter;
 
@@ -28,6 +28,15 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Some(Command::Passwd {
+        file,
+        username,
+        password_stdin,
+        delete,
+    }) = &cli.command
+    {
+        return passwd(file, username, *password_stdin, *delete);
+    }
     let config = Config::load(&cli)?;
     let gateway = Gateway::start(config)
         .await
@@ -35,6 +44,55 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     wait_for_signal().await?;
     tracing::info!("stopping (signal received)");
     gateway.shutdown().await;
+    Ok(())
+}
+
+/// `hearth-gateway passwd FILE USER`.
+fn passwd(
+    file: &std::path::Path,
+    username: &str,
+    password_stdin: bool,
+    delete: bool,
+) -> anyhow::Result<()> {
+    use hearth_gateway::auth::set_password;
+    if delete {
+        if set_password(file, username, None)? {
+            eprintln!("removed {username} from {}", file.display());
+        } else {
+            eprintln!("{username} was not in {}", file.display());
+        }
+        return Ok(());
+    }
+    let password = if password_stdin {
+        let mut line = String::new();
+        std::io::stdin()
+            .read_line(&mut line)
+            .context("cannot read the password from standard input")?;
+        line.trim_end_matches(['\r', '\n']).to_owned()
+    } else {
+        let password = rpassword::prompt_password(format!("password for {username}: "))
+            .context("cannot read the password (no terminal? use --password-stdin)")?;
+        let again = rpassword::prompt_password("again: ").context("cannot read the password")?;
+        if password != again {
+            return Err(anyhow!("the passwords differ; nothing changed"));
+        }
+        password
+    };
+    if password.is_empty() {
+        return Err(anyhow!(
+            "an empty password is not a password; nothing changed"
+        ));
+    }
+    let existed = set_password(file, username, Some(password.as_bytes()))?;
+    eprintln!(
+        "{} {username} in {}",
+        if existed {
+            "changed the password of"
+        } else {
+            "added"
+        },
+        file.display()
+    );
     Ok(())
 }
 

@@ -31,6 +31,8 @@ pub enum GatewayError {
     Embedded(#[from] EmbeddedError),
     #[error(transparent)]
     Connect(#[from] js::ConnectError),
+    #[error(transparent)]
+    Passwords(#[from] crate::auth::PasswordFileError),
     #[error("JetStream is not ready at {url}: {source} (is JetStream enabled on that server?)")]
     Streams {
         url: String,
@@ -101,6 +103,14 @@ impl Gateway {
             });
         }
         let shutdown = CancellationToken::new();
+        let auth = Arc::new(crate::auth::Auth::new(&config.auth)?);
+        info!(
+            password_file = ?config.auth.password_file,
+            users = auth.users(),
+            anonymous = config.auth.allow_anonymous,
+            acl_rules = auth.acl().rules(),
+            "MQTT authentication"
+        );
         let load_error = |what: &'static str| {
             let url = nats_url.clone();
             move |source| GatewayError::Load { what, url, source }
@@ -150,6 +160,7 @@ impl Gateway {
             ingest: Arc::clone(&ingest),
             router,
             sessions,
+            auth: Arc::clone(&auth),
             registry: mqtt::Registry::default(),
             budget: Arc::new(tokio::sync::Semaphore::new(config.mqtt.max_inflight_bytes)),
         });
@@ -166,6 +177,9 @@ impl Gateway {
             .await
             .map_err(load_error("the commands consumer (stream HEARTH_COMMANDS)"))?;
             tasks.spawn(commands);
+        }
+        if let Some(watch) = auth.watch(shutdown.clone()) {
+            tasks.spawn(watch);
         }
         mqtt::log_listening(&mqtt_listener);
         tasks.spawn(

@@ -83,6 +83,7 @@ async fn without_a_nats_url_the_gateway_runs_and_stops_its_own_nats_server() {
     hearth_test_support::init_tracing();
     let data = tempfile::tempdir().unwrap();
     let mut config = Config::default();
+    config.auth.allow_anonymous = true;
     config.storage.data_dir = data.path().to_owned();
     config.nats.embedded_listen = format!("127.0.0.1:{}", hearth_test_support::free_port())
         .parse()
@@ -134,6 +135,7 @@ async fn without_a_nats_url_the_gateway_runs_and_stops_its_own_nats_server() {
 async fn a_missing_nats_server_binary_is_a_clear_error() {
     let data = tempfile::tempdir().unwrap();
     let mut config = Config::default();
+    config.auth.allow_anonymous = true;
     config.storage.data_dir = data.path().to_owned();
     config.nats.server_binary = "/nonexistent/nats-server".into();
     config.mqtt.listen = "127.0.0.1:0".parse().unwrap();

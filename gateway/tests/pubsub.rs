@@ -273,7 +273,8 @@ async fn nats_applications_publish_to_and_listen_to_mqtt_clients() {
     let gateway = gateway(&nats, |_| {}).await;
     let client = async_nats::connect(nats.url()).await.unwrap();
     let mut listener = client.subscribe("hearth.mqtt.>").await.unwrap();
-    client.flush().await.unwrap();
+    // Round trip: the server has the subscription once it answers.
+    let _ = client.request(client.new_inbox(), "".into()).await;
 
     let (mut app, _) = RawClient::connect(gateway.mqtt_addr(), "app", true, 30).await;
     subscribe(&mut app, 1, &[("lights/+/set", QoS::AtLeastOnce)]).await;

@@ -37,6 +37,7 @@ pub mod v1 {
                 Self::Button(_) => "button",
                 Self::Light(_) => "light",
                 Self::Availability(_) => "availability",
+                Self::LoginFailed(_) => "login_failed",
             }
         }
     }

@@ -212,7 +212,7 @@ impl Router {
         self.listening
             .get_or_try_init(|| async {
                 let messages = self.client.subscribe(subject::MQTT_SUBJECTS).await?;
-                self.client.flush().await?;
+                round_trip(&self.client).await?;
                 tokio::spawn(Arc::clone(self).dispatch(messages));
                 Ok::<_, async_nats::Error>(())
             })
@@ -337,6 +337,17 @@ impl Drop for Mailbox {
         self.router
             .subscriptions
             .fetch_sub(self.filters.len(), Ordering::Relaxed);
+    }
+}
+
+/// Returns once the NATS server has processed everything this client sent
+/// before (`flush` only empties the client's own buffer): a request nobody
+/// answers, which the server itself answers with "no responders", in order.
+async fn round_trip(client: &Client) -> Result<(), async_nats::Error> {
+    match client.request(client.new_inbox(), Bytes::new()).await {
+        Ok(_) => Ok(()),
+        Err(error) if error.kind() == async_nats::RequestErrorKind::NoResponders => Ok(()),
+        Err(error) => Err(error.into()),
     }
 }
 

@@ -15,6 +15,7 @@ use std::time::SystemTime;
 use async_nats::header::{HeaderName, NATS_MESSAGE_ID};
 use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
+use hearth_proto::v1::event::Body;
 use hearth_proto::{headers, v1, Encoding};
 use rumqttc::QoS;
 use tracing::{debug, warn};
@@ -319,6 +320,48 @@ impl Ingest {
             payload: self.encoding.encode(&event),
             meta: Meta::Event { id: event.id, kind },
         }
+    }
+
+    /// Stores, in the background, an event the gateway observed itself
+    /// rather than decoded from a publish (a failed login): `device` is the
+    /// client id, the convention `gateway`.
+    pub(crate) fn store_own_event(&self, home: &str, room: &str, device: &str, body: Body) {
+        let id = uuid::Uuid::now_v7().to_string();
+        let kind = body.kind();
+        let subject = subject::event_subject(home, room, kind, device);
+        let event = v1::Event {
+            id: id.clone(),
+            correlation_id: id.clone(),
+            causation_id: String::new(),
+            occurred_at: None,
+            received_at: Some(timestamp(SystemTime::now())),
+            source: Some(v1::Source {
+                convention: "gateway".to_owned(),
+                client_id: device.to_owned(),
+                topic: String::new(),
+            }),
+            home: home.to_owned(),
+            room: room.to_owned(),
+            device: device.to_owned(),
+            body: Some(body),
+        };
+        let mut map = HeaderMap::new();
+        map.insert(CONTENT_TYPE, self.encoding.content_type());
+        map.insert(SCHEMA, v1::EVENT_SCHEMA);
+        map.insert(EVENT_ID, id.as_str());
+        map.insert(KIND, kind);
+        map.insert(CORRELATION_ID, id.as_str());
+        let payload = self.encoding.encode(&event);
+        let js = self.js.clone();
+        tokio::spawn(async move {
+            let stored = match js.publish_with_headers(subject, map, payload).await {
+                Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+                Err(error) => Err(error.to_string()),
+            };
+            if let Err(error) = stored {
+                warn!(%error, kind, "could not store the gateway's own event");
+            }
+        });
     }
 
     pub(crate) fn count_qos0_drop(&self, error: &dyn std::fmt::Display) {

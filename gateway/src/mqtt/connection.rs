@@ -26,9 +26,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use super::persistent::Persistent;
+use super::throttle::Throttle;
 use super::Shared;
+use crate::auth::{Auth, Counters, Refusal, Who};
 use crate::broker::{Delivery, Mailbox};
 use crate::ingest::{Done, Pipeline, Received};
+use hearth_proto::v1::event::Body;
+use hearth_proto::v1::LoginFailed;
 
 /// How long a closing connection waits for publishes still being stored so
 /// that it can acknowledge them.
@@ -96,6 +100,15 @@ impl Connection {
         let Some(connect) = handshake(&mut reader, &mut writer, config.connect_timeout).await
         else {
             return;
+        };
+        // Credentials before anything else: a client that cannot log in must
+        // not take over a logged-in client's id.
+        let username = match self.shared.auth.login(connect.login.as_ref()).await {
+            Ok(username) => username,
+            Err(refusal) => {
+                refuse_login(&self.shared, self.peer, &connect, refusal, &mut writer).await;
+                return;
+            }
         };
         let client_id: Arc<str> = if connect.client_id.is_empty() {
             format!("hearth-{}", uuid::Uuid::now_v7().simple()).into()
@@ -178,6 +191,9 @@ impl Connection {
         }
         let mut session = Session {
             client_id,
+            username,
+            auth: Arc::clone(&self.shared.auth),
+            throttle: Throttle::new(config.max_publish_rate),
             router: Arc::clone(&self.shared.router),
             mailbox,
             outgoing: Outgoing::default(),
@@ -224,20 +240,29 @@ impl Connection {
 
         // The will goes last through the pipeline, stored and routed like
         // any publish from the client.
-        let will = will.filter(|_| closed.publishes_will()).and_then(|will| {
-            let received = Received {
-                budget: None,
-                client_id: Arc::clone(&session.client_id),
-                topic: will.topic,
-                payload: will.message,
-                qos: will.qos,
-                pkid: 0,
-                dup: false,
-                retain: will.retain,
-                received_at: SystemTime::now(),
-            };
-            jobs.try_send(received).is_ok().then_some(())
-        });
+        let will = will
+            .filter(|_| closed.publishes_will())
+            .filter(|will| {
+                let allowed = session.auth.acl().can_publish(session.who(), &will.topic);
+                if !allowed {
+                    warn!(topic = %will.topic, "will denied by the ACL; not published");
+                }
+                allowed
+            })
+            .and_then(|will| {
+                let received = Received {
+                    budget: None,
+                    client_id: Arc::clone(&session.client_id),
+                    topic: will.topic,
+                    payload: will.message,
+                    qos: will.qos,
+                    pkid: 0,
+                    dup: false,
+                    retain: will.retain,
+                    received_at: SystemTime::now(),
+                };
+                jobs.try_send(received).is_ok().then_some(())
+            });
         drop(jobs);
         if will.is_some() {
             info!(reason = ?closed, "publishing the will");
@@ -313,6 +338,50 @@ impl Closed {
     fn publishes_will(&self) -> bool {
         !matches!(self, Self::ClientDisconnected | Self::ShuttingDown)
     }
+}
+
+/// Answers a failed login, counts it, logs it, and stores it as a
+/// `login_failed` event for the security rules.
+async fn refuse_login(
+    shared: &Shared,
+    peer: SocketAddr,
+    connect: &v4::Connect,
+    refusal: Refusal,
+    writer: &mut Writer,
+) {
+    let auth = &shared.auth;
+    let total = Counters::count(&auth.counters.refused_connections);
+    let username = connect
+        .login
+        .as_ref()
+        .map(|login| login.username.clone())
+        .unwrap_or_default();
+    warn!(
+        client_id = %connect.client_id,
+        username,
+        reason = refusal.as_str(),
+        refused_total = total,
+        "refused: login failed"
+    );
+    if auth.may_record_refusal() {
+        let device = if connect.client_id.is_empty() {
+            "unknown"
+        } else {
+            &connect.client_id
+        };
+        shared.ingest.store_own_event(
+            &shared.config.home,
+            "gateway",
+            device,
+            Body::LoginFailed(LoginFailed {
+                username,
+                address: peer.to_string(),
+                reason: refusal.as_str().to_owned(),
+            }),
+        );
+    }
+    let refuse = v4::ConnAck::new(refusal.code(), false);
+    let _ = crate::deadline::within(WRITE_TIMEOUT, writer.send(v4::Packet::ConnAck(refuse))).await;
 }
 
 /// Reads CONNECT and refuses what MQTT 3.1.1 says to refuse; `None` when the
@@ -443,6 +512,10 @@ impl Outgoing {
 
 struct Session {
     client_id: Arc<str>,
+    /// The checked username, for the ACL; `None` for anonymous clients.
+    username: Option<String>,
+    auth: Arc<Auth>,
+    throttle: Option<Throttle>,
     router: Arc<crate::broker::Router>,
     mailbox: Mailbox,
     outgoing: Outgoing,
@@ -605,6 +678,15 @@ impl Session {
                     // A publish first reserves its share of the gateway-wide
                     // memory budget; waiting for it is back-pressure, not a
                     // slow write, so it happens outside the write bound.
+                    if matches!(packet, v4::Packet::Publish(_)) {
+                        if let Some(wait) = self.throttle() {
+                            tokio::select! {
+                                () = tokio::time::sleep(wait) => {}
+                                () = shutdown.cancelled() => return Closed::ShuttingDown,
+                                () = taken_over.cancelled() => return Closed::TakenOver,
+                            }
+                        }
+                    }
                     let reserved = match &packet {
                         v4::Packet::Publish(publish) => tokio::select! {
                             reserved = self.reserve(publish) => reserved,
@@ -653,6 +735,27 @@ impl Session {
                         "invalid topic name {:?} in PUBLISH",
                         publish.topic
                     ))));
+                }
+                if !self.auth.acl().can_publish(self.who(), &publish.topic) {
+                    // MQTT 3.1.1 has no way to refuse a publish: it is
+                    // acknowledged as usual and dropped.
+                    let total = Counters::count(&self.auth.counters.denied_publishes);
+                    warn!(topic = %publish.topic, denied_total = total, "publish denied by the ACL; dropped");
+                    match publish.qos {
+                        QoS::AtMostOnce => {}
+                        QoS::AtLeastOnce => {
+                            writer
+                                .send(v4::Packet::PubAck(v4::PubAck::new(publish.pkid)))
+                                .await?;
+                        }
+                        QoS::ExactlyOnce => {
+                            self.awaiting_release.insert(publish.pkid);
+                            writer
+                                .send(v4::Packet::PubRec(v4::PubRec::new(publish.pkid)))
+                                .await?;
+                        }
+                    }
+                    return Ok(None);
                 }
                 if publish.qos == QoS::ExactlyOnce && self.awaiting_release.contains(&publish.pkid)
                 {
@@ -835,6 +938,31 @@ impl Session {
         }
     }
 
+    /// How long to hold the client's next publish, if it publishes faster
+    /// than `mqtt.max_publish_rate`; counted and logged once per episode.
+    fn throttle(&mut self) -> Option<Duration> {
+        let throttle = self.throttle.as_mut()?;
+        let wait = throttle.take(Instant::now());
+        let throttled = !wait.is_zero();
+        if throttled && !throttle.throttling {
+            let total = Counters::count(&self.auth.counters.throttled);
+            warn!(
+                throttled_total = total,
+                "publishing faster than mqtt.max_publish_rate: slowed down"
+            );
+        }
+        throttle.throttling = throttled;
+        throttled.then_some(wait)
+    }
+
+    /// The client, for the ACL.
+    fn who(&self) -> Who<'_> {
+        Who {
+            username: self.username.as_deref(),
+            client_id: &self.client_id,
+        }
+    }
+
     /// Whether message `pkid` sent to the client awaits `what`.
     fn awaits(&self, pkid: u16, what: Awaiting) -> bool {
         self.outgoing
@@ -860,6 +988,15 @@ impl Session {
     async fn subscribe(&mut self, filter: &str, qos: QoS) -> v4::SubscribeReasonCode {
         if !mqttbytes::valid_filter(filter) || filter.contains('\0') {
             info!(filter, "subscription refused: not a valid topic filter");
+            return v4::SubscribeReasonCode::Failure;
+        }
+        if !self.auth.acl().can_subscribe(self.who(), filter) {
+            let total = Counters::count(&self.auth.counters.denied_subscriptions);
+            warn!(
+                filter,
+                denied_total = total,
+                "subscription denied by the ACL"
+            );
             return v4::SubscribeReasonCode::Failure;
         }
         match self.mailbox.subscribe(filter, qos).await {
@@ -891,6 +1028,13 @@ impl Session {
         delivery: Delivery,
         queued: Option<u64>,
     ) -> Result<(), mqttbytes::Error> {
+        if !self.auth.acl().can_receive(self.who(), &delivery.topic) {
+            // Checked on the way out too: a broad subscription, a retained
+            // message or a kept session must not leak what the rules deny.
+            debug!(topic = %delivery.topic, "not sent: the ACL denies this client the topic");
+            self.delivered(queued).await;
+            return Ok(());
+        }
         let (dup, earlier_pkid) = match (queued, &self.persistent) {
             (Some(sequence), Some(persistent)) => persistent.resent(sequence),
             _ => (false, None),

@@ -6,6 +6,7 @@
 mod connection;
 mod persistent;
 mod registry;
+mod throttle;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,6 +31,8 @@ pub(crate) struct Shared {
     pub(crate) router: Arc<crate::broker::Router>,
     /// Persistent sessions.
     pub(crate) sessions: Arc<crate::sessions::Sessions>,
+    /// Logins and the ACL.
+    pub(crate) auth: Arc<crate::auth::Auth>,
     pub(crate) registry: Registry,
     /// Bytes of publishes in flight across all connections
     /// (`mqtt.max_inflight_bytes`): what bounds the gateway's memory when

@@ -24,6 +24,7 @@ pub const PROMPTLY: Duration = Duration::from_secs(10);
 /// A gateway on free ports, storing into `nats`.
 pub async fn gateway(nats: &TestNats, adjust: impl FnOnce(&mut Config)) -> Gateway {
     let mut config = Config::default();
+    config.auth.allow_anonymous = true;
     config.nats.url = Some(nats.url());
     config.mqtt.listen = "127.0.0.1:0".parse().unwrap();
     config.http.listen = "127.0.0.1:0".parse().unwrap();
