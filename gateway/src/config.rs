@@ -138,6 +138,8 @@ pub struct MqttConfig {
     /// more slowly (its TCP window fills, it waits), never dropped, so one
     /// flooding device cannot starve the others. 0: no limit.
     pub max_publish_rate: u32,
+    /// The TLS listener (off unless `cert` and `key` are given).
+    pub tls: crate::mqtt::tls::TlsConfig,
 }
 
 impl Default for MqttConfig {
@@ -154,6 +156,7 @@ impl Default for MqttConfig {
             session_queue_max_age: Duration::from_secs(7 * 24 * 3600),
             home: "home".to_owned(),
             max_publish_rate: 1000,
+            tls: crate::mqtt::tls::TlsConfig::default(),
         }
     }
 }
@@ -434,12 +437,16 @@ impl Config {
                 "must be between 1 and 65535 (MQTT's packet ids)",
             ));
         }
-        if self.auth.password_file.is_none() && !self.auth.allow_anonymous {
+        if self.auth.password_file.is_none()
+            && !self.auth.allow_anonymous
+            && self.mqtt.tls.client_ca.is_none()
+        {
             return Err(invalid(
                 "auth",
                 "lets no MQTT client in: give a password file (auth.password_file, \
-                 --password-file; create it with `hearth-gateway passwd FILE USER`) or allow \
-                 anonymous clients (auth.allow_anonymous = true, --allow-anonymous)",
+                 --password-file; create it with `hearth-gateway passwd FILE USER`), client \
+                 certificates (mqtt.tls.client_ca) or allow anonymous clients \
+                 (auth.allow_anonymous = true, --allow-anonymous)",
             ));
         }
         if self.commands.delivery_timeout.is_zero() || self.commands.max_age.is_zero() {

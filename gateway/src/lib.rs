@@ -25,7 +25,7 @@ pub mod embedded;
 mod http;
 mod ingest;
 pub mod jetstream;
-mod mqtt;
+pub mod mqtt;
 mod server;
 mod sessions;
 pub mod subject;

@@ -33,6 +33,8 @@ pub enum GatewayError {
     Connect(#[from] js::ConnectError),
     #[error(transparent)]
     Passwords(#[from] crate::auth::PasswordFileError),
+    #[error("mqtt.tls: {0}")]
+    Tls(#[from] crate::mqtt::tls::TlsError),
     #[error("JetStream is not ready at {url}: {source} (is JetStream enabled on that server?)")]
     Streams {
         url: String,
@@ -65,6 +67,7 @@ pub enum GatewayError {
 #[derive(Debug)]
 pub struct Gateway {
     mqtt_addr: SocketAddr,
+    mqtt_tls_addr: Option<SocketAddr>,
     http_addr: SocketAddr,
     nats_url: String,
     shutdown: CancellationToken,
@@ -143,8 +146,18 @@ impl Gateway {
                 .map_err(|source| GatewayError::Listen { what, addr, source })
         };
         let mqtt_listener = listen("MQTT", config.mqtt.listen).await?;
+        let tls = if config.mqtt.tls.enabled() {
+            let acceptor = config.mqtt.tls.acceptor()?;
+            let listener = listen("MQTT over TLS", config.mqtt.tls.listen).await?;
+            Some((listener, acceptor))
+        } else {
+            None
+        };
         let http_listener = listen("HTTP", config.http.listen).await?;
         let mqtt_addr = local_addr(&mqtt_listener, config.mqtt.listen);
+        let mqtt_tls_addr = tls
+            .as_ref()
+            .map(|(listener, _)| local_addr(listener, config.mqtt.tls.listen));
         let http_addr = local_addr(&http_listener, config.http.listen);
 
         let tasks = TaskTracker::new();
@@ -181,11 +194,19 @@ impl Gateway {
         if let Some(watch) = auth.watch(shutdown.clone()) {
             tasks.spawn(watch);
         }
+        let limit = Arc::new(tokio::sync::Semaphore::new(config.mqtt.max_connections));
         mqtt::log_listening(&mqtt_listener);
         tasks.spawn(
-            mqtt::Listener::new(mqtt_listener, Arc::clone(&shared))
+            mqtt::Listener::new(mqtt_listener, Arc::clone(&shared), Arc::clone(&limit), None)
                 .run(shutdown.clone(), connections.clone()),
         );
+        if let Some((listener, acceptor)) = tls {
+            mqtt::log_listening(&listener);
+            tasks.spawn(
+                mqtt::Listener::new(listener, Arc::clone(&shared), limit, Some(acceptor))
+                    .run(shutdown.clone(), connections.clone()),
+            );
+        }
         tasks.spawn(http::serve(
             http_listener,
             http::State {
@@ -198,6 +219,7 @@ impl Gateway {
         info!(%mqtt_addr, %http_addr, nats = %nats_url, embedded = embedded.is_some(), "hearth gateway started");
         Ok(Self {
             mqtt_addr,
+            mqtt_tls_addr,
             http_addr,
             nats_url,
             shutdown,
@@ -210,6 +232,11 @@ impl Gateway {
     /// Where devices connect.
     pub fn mqtt_addr(&self) -> SocketAddr {
         self.mqtt_addr
+    }
+
+    /// Where devices connect over TLS, when `mqtt.tls` is set up.
+    pub fn mqtt_tls_addr(&self) -> Option<SocketAddr> {
+        self.mqtt_tls_addr
     }
 
     /// Where `/healthz` is served.

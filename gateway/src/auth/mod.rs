@@ -153,8 +153,16 @@ impl Auth {
     }
 
     /// Lets a client in or not; its username for the rules when it has a
-    /// checked one.
-    pub(crate) async fn login(&self, login: Option<&v4::Login>) -> Result<Option<String>, Refusal> {
+    /// checked one. `certified` is the username a verified client
+    /// certificate gave (mutual TLS): no password is asked then.
+    pub(crate) async fn login(
+        &self,
+        login: Option<&v4::Login>,
+        certified: Option<String>,
+    ) -> Result<Option<String>, Refusal> {
+        if certified.is_some() {
+            return Ok(certified);
+        }
         let Some(passwords) = &self.passwords else {
             return if self.allow_anonymous {
                 Ok(None)

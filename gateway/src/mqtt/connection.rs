@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime};
 
 use futures::{SinkExt, StreamExt};
 use rumqttc::mqttbytes::{self, v4, QoS};
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
@@ -46,13 +46,17 @@ const MAX_CLIENT_ID: usize = 256;
 /// How long a connection that took over waits for the previous one.
 const TAKEOVER_WAIT: Duration = Duration::from_secs(15);
 
-type Writer = FramedWrite<OwnedWriteHalf, v4::Codec>;
+/// The two directions of a connection, plain TCP or TLS alike.
+type Reader = FramedRead<Box<dyn AsyncRead + Send + Unpin>, v4::Codec>;
+type Writer = FramedWrite<Box<dyn AsyncWrite + Send + Unpin>, v4::Codec>;
 
 pub(crate) struct Connection {
     stream: TcpStream,
     peer: SocketAddr,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
+    /// For connections to the TLS listener.
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 /// Why a connection ended, for the log line.
@@ -73,13 +77,51 @@ impl Connection {
         peer: SocketAddr,
         shared: Arc<Shared>,
         shutdown: CancellationToken,
+        tls: Option<tokio_rustls::TlsAcceptor>,
     ) -> Self {
         Self {
             stream,
             peer,
             shared,
             shutdown,
+            tls,
         }
+    }
+
+    /// The connection's two directions, after the TLS handshake for the
+    /// TLS listener, with the username a client certificate gives.
+    async fn open(
+        stream: TcpStream,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        timeout: Duration,
+    ) -> Option<(
+        Box<dyn AsyncRead + Send + Unpin>,
+        Box<dyn AsyncWrite + Send + Unpin>,
+        Option<String>,
+    )> {
+        let Some(acceptor) = tls else {
+            let (read, write) = stream.into_split();
+            return Some((Box::new(read), Box::new(write), None));
+        };
+        let stream = match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(error)) => {
+                info!(%error, "TLS handshake failed");
+                return None;
+            }
+            Err(_) => {
+                debug!("no TLS handshake in time");
+                return None;
+            }
+        };
+        let identity = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .and_then(super::tls::common_name);
+        let (read, write) = tokio::io::split(stream);
+        Some((Box::new(read), Box::new(write), identity))
     }
 
     pub(crate) async fn run(self) {
@@ -93,7 +135,11 @@ impl Connection {
             max_incoming_size: config.max_packet_size,
             max_outgoing_size: config.max_packet_size,
         };
-        let (read, write) = self.stream.into_split();
+        let Some((read, write, identity)) =
+            Self::open(self.stream, self.tls.clone(), config.connect_timeout).await
+        else {
+            return;
+        };
         let mut reader = FramedRead::new(read, codec.clone());
         let mut writer = FramedWrite::new(write, codec);
 
@@ -103,7 +149,12 @@ impl Connection {
         };
         // Credentials before anything else: a client that cannot log in must
         // not take over a logged-in client's id.
-        let username = match self.shared.auth.login(connect.login.as_ref()).await {
+        let username = match self
+            .shared
+            .auth
+            .login(connect.login.as_ref(), identity)
+            .await
+        {
             Ok(username) => username,
             Err(refusal) => {
                 refuse_login(&self.shared, self.peer, &connect, refusal, &mut writer).await;
@@ -387,7 +438,7 @@ async fn refuse_login(
 /// Reads CONNECT and refuses what MQTT 3.1.1 says to refuse; `None` when the
 /// connection is to be closed.
 async fn handshake(
-    reader: &mut FramedRead<tokio::net::tcp::OwnedReadHalf, v4::Codec>,
+    reader: &mut Reader,
     writer: &mut Writer,
     timeout: Duration,
 ) -> Option<v4::Connect> {
@@ -543,7 +594,7 @@ impl Session {
     #[allow(clippy::too_many_arguments)]
     async fn serve(
         &mut self,
-        reader: &mut FramedRead<tokio::net::tcp::OwnedReadHalf, v4::Codec>,
+        reader: &mut Reader,
         writer: &mut Writer,
         channels: Channels<'_>,
         shutdown: &CancellationToken,

@@ -7,6 +7,7 @@ mod connection;
 mod persistent;
 mod registry;
 mod throttle;
+pub mod tls;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,18 +44,25 @@ pub(crate) struct Shared {
 pub(crate) struct Listener {
     listener: TcpListener,
     shared: Arc<Shared>,
-    /// One permit per open connection: past the limit, new devices wait in
-    /// the kernel's accept queue instead of exhausting memory or descriptors.
+    /// One permit per open connection, shared by the plain and the TLS
+    /// listener: past the limit, new devices wait in the kernel's accept
+    /// queue instead of exhausting memory or descriptors.
     limit: Arc<Semaphore>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl Listener {
-    pub(crate) fn new(listener: TcpListener, shared: Arc<Shared>) -> Self {
-        let limit = Arc::new(Semaphore::new(shared.config.max_connections));
+    pub(crate) fn new(
+        listener: TcpListener,
+        shared: Arc<Shared>,
+        limit: Arc<Semaphore>,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> Self {
         Self {
             listener,
             shared,
             limit,
+            tls,
         }
     }
 
@@ -85,6 +93,7 @@ impl Listener {
                         peer,
                         Arc::clone(&self.shared),
                         shutdown.child_token(),
+                        self.tls.clone(),
                     );
                     connections.spawn(async move {
                         connection.run().await;
