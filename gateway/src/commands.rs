@@ -277,7 +277,7 @@ impl Commands {
                     info!(topic, sessions, "command queued for persistent sessions");
                     if let Err(error) = self
                         .router
-                        .publish(&topic, payload.into(), QoS::AtLeastOnce)
+                        .publish(&topic, payload.into(), QoS::AtLeastOnce, &[])
                         .await
                     {
                         debug!(%error, "live copy not routed");

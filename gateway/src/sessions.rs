@@ -62,6 +62,7 @@ pub(crate) struct Queued {
     pub(crate) topic: Arc<str>,
     pub(crate) payload: Bytes,
     pub(crate) qos: QoS,
+    pub(crate) user_properties: Vec<(String, String)>,
 }
 
 #[derive(Debug, Default)]
@@ -373,11 +374,13 @@ impl Sessions {
         let qos = header(hearth_proto::headers::MQTT_QOS)
             .and_then(|qos| parse_qos(&qos))
             .unwrap_or(QoS::AtLeastOnce);
+        let user_properties = crate::broker::user_properties(&message.headers);
         Ok(Some(Queued {
             sequence: message.sequence,
             topic: topic.into(),
             payload: message.payload,
             qos,
+            user_properties,
         }))
     }
 

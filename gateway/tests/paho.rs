@@ -37,3 +37,21 @@ async fn paho_mqtt_3_1_1_subscribes_publishes_and_receives() {
     assert_eq!(report["messages"][0]["qos"], 1);
     gateway.shutdown().await;
 }
+
+#[tokio::test]
+async fn paho_mqtt_5_connects_and_its_user_properties_travel_with_the_message() {
+    let nats = TestNats::start().await;
+    let gateway = gateway(&nats, |_| {}).await;
+    let (ok, report) = paho(gateway.mqtt_addr().port(), "5", "roundtrip").await;
+    assert!(ok, "{report}");
+    assert_eq!(report["connack"], "Success");
+    assert_eq!(report["suback"], serde_json::json!([1]));
+    let message = &report["messages"][0];
+    assert_eq!(message["topic"], "paho/test");
+    assert_eq!(message["payload"], "hello");
+    assert_eq!(
+        message["user_properties"],
+        serde_json::json!([["room", "kitchen"]])
+    );
+    gateway.shutdown().await;
+}

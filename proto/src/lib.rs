@@ -78,4 +78,7 @@ pub mod headers {
     /// The QoS (`0`, `1` or `2`) of an MQTT publish routed on
     /// `hearth.mqtt.>` or retained on `hearth.retained.>`; absent means 0.
     pub const MQTT_QOS: &str = "Hearth-Mqtt-Qos";
+    /// An MQTT 5 user property, `name=value`, percent-encoded where needed;
+    /// one header per property.
+    pub const MQTT_USER_PROPERTY: &str = "Hearth-Mqtt-User-Property";
 }

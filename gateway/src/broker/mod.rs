@@ -37,6 +37,8 @@ pub(crate) use retained::Retained;
 pub(crate) use subscriptions::Subscriptions;
 
 const QOS_HEADER: HeaderName = HeaderName::from_static(hearth_proto::headers::MQTT_QOS);
+const USER_PROPERTY: HeaderName =
+    HeaderName::from_static(hearth_proto::headers::MQTT_USER_PROPERTY);
 
 /// A message for one client, matching one or more of its subscriptions.
 #[derive(Debug, Clone)]
@@ -48,6 +50,8 @@ pub(crate) struct Delivery {
     pub(crate) qos: QoS,
     /// Set only for retained messages sent because of a new subscription.
     pub(crate) retain: bool,
+    /// MQTT 5 user properties of the publish (sent to MQTT 5 clients).
+    pub(crate) user_properties: Vec<(String, String)>,
     /// Where to say that the client has the message (its PUBACK or PUBREC,
     /// or the write for QoS 0): the reply subject of a publish that asked,
     /// such as a command's.
@@ -161,14 +165,17 @@ impl Router {
         topic: &str,
         payload: Bytes,
         qos: QoS,
+        user_properties: &[(String, String)],
     ) -> Result<(), RouteError> {
         let subject =
             subject::mqtt_subject(topic).ok_or_else(|| RouteError::Topic(topic.into()))?;
-        if qos == QoS::AtMostOnce {
+        if qos == QoS::AtMostOnce && user_properties.is_empty() {
             self.client.publish(subject, payload).await?;
         } else {
+            let mut headers = qos_headers(qos);
+            add_user_properties(&mut headers, user_properties);
             self.client
-                .publish_with_headers(subject, qos_headers(qos), payload)
+                .publish_with_headers(subject, headers, payload)
                 .await?;
         }
         Ok(())
@@ -243,12 +250,30 @@ impl Router {
                 .and_then(|headers| headers.get(QOS_HEADER))
                 .and_then(|value| parse_qos(value.as_str()))
                 .unwrap_or(QoS::AtMostOnce);
-            self.deliver(topic.into(), message.payload, qos, message.reply);
+            let properties = message
+                .headers
+                .as_ref()
+                .map(user_properties)
+                .unwrap_or_default();
+            self.deliver(
+                topic.into(),
+                message.payload,
+                qos,
+                message.reply,
+                &properties,
+            );
         }
     }
 
     /// Queues a message for every local subscriber of `topic`.
-    fn deliver(&self, topic: Arc<str>, payload: Bytes, qos: QoS, confirm: Option<Subject>) {
+    fn deliver(
+        &self,
+        topic: Arc<str>,
+        payload: Bytes,
+        qos: QoS,
+        confirm: Option<Subject>,
+        properties: &[(String, String)],
+    ) {
         let state = self.state();
         for (id, granted) in state.subscriptions.matching(&topic) {
             let Some(outbox) = state.outboxes.get(&id) else {
@@ -264,6 +289,7 @@ impl Router {
                 payload: payload.clone(),
                 qos,
                 retain: false,
+                user_properties: properties.to_vec(),
                 confirm: confirm.clone(),
             };
             if let Err(mpsc::error::TrySendError::Full(_)) = outbox.sender.try_send(delivery) {
@@ -349,6 +375,50 @@ async fn round_trip(client: &Client) -> Result<(), async_nats::Error> {
         Err(error) if error.kind() == async_nats::RequestErrorKind::NoResponders => Ok(()),
         Err(error) => Err(error.into()),
     }
+}
+
+/// Adds MQTT 5 user properties as `Hearth-Mqtt-User-Property: name=value`
+/// headers, one per property, both parts percent-encoded where they hold
+/// `%`, `=` or control characters (so any property round-trips).
+pub(crate) fn add_user_properties(headers: &mut HeaderMap, properties: &[(String, String)]) {
+    for (name, value) in properties {
+        headers.append(
+            USER_PROPERTY,
+            format!("{}={}", encode_property(name), encode_property(value)).as_str(),
+        );
+    }
+}
+
+/// The MQTT 5 user properties in `headers`, in order.
+pub(crate) fn user_properties(headers: &HeaderMap) -> Vec<(String, String)> {
+    headers
+        .get_all(USER_PROPERTY)
+        .filter_map(|value| {
+            let (name, value) = value.as_str().split_once('=')?;
+            Some((
+                subject::decode_token(name).ok()?,
+                subject::decode_token(value).ok()?,
+            ))
+        })
+        .collect()
+}
+
+fn encode_property(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.contains(|c: char| c == '%' || c == '=' || c.is_control()) {
+        return text.into();
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c == '%' || c == '=' || c.is_control() {
+            let mut utf8 = [0; 4];
+            for byte in c.encode_utf8(&mut utf8).bytes() {
+                out.push_str(&format!("%{byte:02X}"));
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out.into()
 }
 
 fn qos_headers(qos: QoS) -> HeaderMap {

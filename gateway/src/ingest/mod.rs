@@ -39,6 +39,8 @@ pub(crate) struct Received {
     pub(crate) pkid: u16,
     pub(crate) dup: bool,
     pub(crate) retain: bool,
+    /// MQTT 5 user properties, routed with the message as NATS headers.
+    pub(crate) user_properties: Vec<(String, String)>,
     pub(crate) received_at: SystemTime,
 }
 
@@ -53,6 +55,7 @@ pub(crate) struct Done {
     pub(crate) payload: Bytes,
     /// Where a retained publish was stored in `HEARTH_RETAINED`.
     pub(crate) retained_sequence: Option<u64>,
+    pub(crate) user_properties: Vec<(String, String)>,
 }
 
 /// What a stored message is, for its headers.
@@ -94,6 +97,7 @@ struct Prepared {
     client_id: std::sync::Arc<str>,
     topic: String,
     payload: Bytes,
+    user_properties: Vec<(String, String)>,
     /// Unique per received publish; tells a retry's duplicate from an older
     /// identical publish (see `jetstream::dedup`).
     correlation_id: String,
@@ -125,6 +129,7 @@ impl Prepared {
             topic: self.topic,
             payload: self.payload,
             retained_sequence,
+            user_properties: self.user_properties,
         }
     }
 
@@ -142,6 +147,7 @@ impl Prepared {
             Meta::Queued { qos } => {
                 map.insert(MQTT_TOPIC, &*self.topic);
                 map.insert(MQTT_QOS, crate::broker::qos_digit(*qos));
+                crate::broker::add_user_properties(&mut map, &self.user_properties);
             }
             Meta::Retained => {
                 map.insert(MQTT_QOS, crate::broker::qos_digit(self.qos));
@@ -263,6 +269,7 @@ impl Ingest {
             client_id: received.client_id,
             topic: received.topic,
             payload: received.payload,
+            user_properties: received.user_properties,
             correlation_id,
             dedup,
             messages,

@@ -25,6 +25,7 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument};
 
+use super::codec::{Codec, Extras};
 use super::persistent::Persistent;
 use super::throttle::Throttle;
 use super::Shared;
@@ -47,8 +48,8 @@ const MAX_CLIENT_ID: usize = 256;
 const TAKEOVER_WAIT: Duration = Duration::from_secs(15);
 
 /// The two directions of a connection, plain TCP or TLS alike.
-type Reader = FramedRead<Box<dyn AsyncRead + Send + Unpin>, v4::Codec>;
-type Writer = FramedWrite<Box<dyn AsyncWrite + Send + Unpin>, v4::Codec>;
+type Reader = FramedRead<Box<dyn AsyncRead + Send + Unpin>, Codec>;
+type Writer = FramedWrite<Box<dyn AsyncWrite + Send + Unpin>, Codec>;
 
 pub(crate) struct Connection {
     stream: TcpStream,
@@ -131,10 +132,7 @@ impl Connection {
 
     async fn serve(self) {
         let config = &self.shared.config;
-        let codec = v4::Codec {
-            max_incoming_size: config.max_packet_size,
-            max_outgoing_size: config.max_packet_size,
-        };
+        let codec = Codec::new(config.max_packet_size);
         let Some((read, write, identity)) =
             Self::open(self.stream, self.tls.clone(), config.connect_timeout).await
         else {
@@ -143,10 +141,12 @@ impl Connection {
         let mut reader = FramedRead::new(read, codec.clone());
         let mut writer = FramedWrite::new(write, codec);
 
-        let Some(connect) = handshake(&mut reader, &mut writer, config.connect_timeout).await
+        let Some((connect, extras)) =
+            handshake(&mut reader, &mut writer, config.connect_timeout).await
         else {
             return;
         };
+        let clean_start = extras.as_ref().is_some_and(|extras| extras.clean_start);
         // Credentials before anything else: a client that cannot log in must
         // not take over a logged-in client's id.
         let username = match self
@@ -186,6 +186,12 @@ impl Connection {
             () = taken_over.cancelled() => return,
         };
         let sessions = &self.shared.sessions;
+        if clean_start && !connect.clean_session && sessions.get(&client_id).is_some() {
+            // MQTT 5: a clean start that keeps the new session afterwards.
+            if let Err(error) = sessions.discard(&client_id).await {
+                warn!(%error, "could not end the kept session of this client");
+            }
+        }
         let (persistent, session_present) = if connect.clean_session {
             // A clean session ends whatever was kept under this id.
             if sessions.get(&client_id).is_some() {
@@ -222,12 +228,16 @@ impl Connection {
             return;
         }
         info!(
+            protocol = if reader.decoder().v5() { "5" } else { "3.1.1" },
             keep_alive = connect.keep_alive,
             clean_session = connect.clean_session,
             "device connected"
         );
 
         let will = connect.last_will;
+        let will_properties = extras
+            .map(|extras| extras.user_properties)
+            .unwrap_or_default();
         let (mut mailbox, mut deliveries) = self
             .shared
             .router
@@ -310,6 +320,7 @@ impl Connection {
                     pkid: 0,
                     dup: false,
                     retain: will.retain,
+                    user_properties: will_properties,
                     received_at: SystemTime::now(),
                 };
                 jobs.try_send(received).is_ok().then_some(())
@@ -367,6 +378,13 @@ impl Connection {
         }
         if let Some(persistent) = session.persistent.take() {
             persistent.suspend().await;
+        }
+        if matches!(closed, Closed::ProtocolError(_)) {
+            // MQTT 5 clients are told why.
+            let reason = reader.decoder().refusal();
+            writer.encoder_mut().disconnect_with(reason);
+            let _ =
+                crate::deadline::within(WRITE_TIMEOUT, writer.send(v4::Packet::Disconnect)).await;
         }
         match closed {
             Closed::ClientDisconnected => info!("device disconnected"),
@@ -441,7 +459,7 @@ async fn handshake(
     reader: &mut Reader,
     writer: &mut Writer,
     timeout: Duration,
-) -> Option<v4::Connect> {
+) -> Option<(v4::Connect, Option<Box<Extras>>)> {
     let refuse = |code| v4::Packet::ConnAck(v4::ConnAck::new(code, false));
     let first = match tokio::time::timeout(timeout, reader.next()).await {
         Err(_) => {
@@ -451,10 +469,10 @@ async fn handshake(
         Ok(None) => return None,
         Ok(Some(packet)) => packet,
     };
-    let connect = match first {
-        Ok(v4::Packet::Connect(connect)) => connect,
+    let (connect, extras) = match first.map(|inbound| (inbound.packet, inbound.extras)) {
+        Ok((v4::Packet::Connect(connect), extras)) => (connect, extras),
         Err(mqttbytes::Error::InvalidProtocol | mqttbytes::Error::InvalidProtocolLevel(_)) => {
-            info!("refused: protocol version not supported (MQTT 3.1.1 only)");
+            info!("refused: protocol version not supported (MQTT 3.1.1 and 5 only)");
             let _ = writer
                 .send(refuse(v4::ConnectReturnCode::RefusedProtocolVersion))
                 .await;
@@ -464,13 +482,13 @@ async fn handshake(
             warn!(%error, "closing connection: malformed CONNECT");
             return None;
         }
-        Ok(other) => {
+        Ok((other, _)) => {
             warn!(packet = ?packet_name(&other), "closing connection: first packet must be CONNECT");
             return None;
         }
     };
     if connect.protocol != mqttbytes::Protocol::V4 {
-        info!("refused: MQTT 5 is not supported yet");
+        info!("refused: MQTT 3.1 is not supported (MQTT 3.1.1 and 5 are)");
         let _ = writer
             .send(refuse(v4::ConnectReturnCode::RefusedProtocolVersion))
             .await;
@@ -502,7 +520,7 @@ async fn handshake(
             .await;
         return None;
     }
-    Some(connect)
+    Some((connect, extras))
 }
 
 /// MQTT: the server disconnects a client silent for 1.5 times its keep-alive.
@@ -645,6 +663,7 @@ impl Session {
                             payload: queued.payload,
                             qos: queued.qos,
                             retain: false,
+                            user_properties: queued.user_properties,
                             confirm: None,
                         };
                         self.send_queued(writer, delivery, Some(queued.sequence))
@@ -720,11 +739,11 @@ impl Session {
                     }
                 }
                 packet = reader.next(), if reading => {
-                    let packet = match packet {
+                    let (packet, extras) = match packet {
                         None => return Closed::EndOfStream,
                         Some(Err(mqttbytes::Error::Io(error))) => return Closed::Io(error.to_string()),
                         Some(Err(error)) => return Closed::ProtocolError(error.to_string()),
-                        Some(Ok(packet)) => packet,
+                        Some(Ok(inbound)) => (inbound.packet, inbound.extras),
                     };
                     // A publish first reserves its share of the gateway-wide
                     // memory budget; waiting for it is back-pressure, not a
@@ -747,7 +766,7 @@ impl Session {
                         _ => None,
                     };
                     deadline = self.keep_alive.map_or_else(far_future, |ka| Instant::now() + ka);
-                    match crate::deadline::within(WRITE_TIMEOUT, self.handle(packet, reserved, writer, jobs)).await {
+                    match crate::deadline::within(WRITE_TIMEOUT, self.handle(packet, extras, reserved, writer, jobs)).await {
                         Ok(Ok(None)) => {}
                         Ok(Ok(Some(closed))) => return closed,
                         Ok(Err(error)) => return Closed::Io(error.to_string()),
@@ -775,6 +794,7 @@ impl Session {
     async fn handle(
         &mut self,
         packet: v4::Packet,
+        extras: Option<Box<Extras>>,
         reserved: Option<OwnedSemaphorePermit>,
         writer: &mut Writer,
         jobs: &tokio::sync::mpsc::Sender<Received>,
@@ -825,6 +845,9 @@ impl Session {
                     pkid: publish.pkid,
                     dup: publish.dup,
                     retain: publish.retain,
+                    user_properties: extras
+                        .map(|extras| extras.user_properties)
+                        .unwrap_or_default(),
                     received_at: SystemTime::now(),
                 };
                 let qos0 = received.qos == QoS::AtMostOnce;
@@ -900,6 +923,7 @@ impl Session {
                             payload,
                             qos: if granted < qos { granted } else { qos },
                             retain: true,
+                            user_properties: Vec::new(),
                             confirm: None,
                         });
                     }
@@ -921,6 +945,9 @@ impl Session {
                     }
                 }
                 debug!(filters = ?unsubscribe.topics, "unsubscribed");
+                writer
+                    .encoder()
+                    .unsubscribing(unsubscribe.pkid, unsubscribe.topics.len());
                 writer
                     .send(v4::Packet::UnsubAck(v4::UnsubAck::new(unsubscribe.pkid)))
                     .await?;
@@ -982,7 +1009,12 @@ impl Session {
         }
         if let Err(error) = self
             .router
-            .publish(&settled.topic, settled.payload, settled.qos)
+            .publish(
+                &settled.topic,
+                settled.payload,
+                settled.qos,
+                &settled.user_properties,
+            )
             .await
         {
             warn!(topic = %settled.topic, %error, "publish not routed to subscribers");
@@ -1106,6 +1138,11 @@ impl Session {
             pkid,
             payload: delivery.payload,
         };
+        if !delivery.user_properties.is_empty() {
+            writer
+                .encoder_mut()
+                .attach_properties(delivery.user_properties.to_vec());
+        }
         match writer.feed(v4::Packet::Publish(publish)).await {
             Ok(()) => {}
             Err(mqttbytes::Error::OutgoingPacketTooLarge { pkt_size, max }) => {

@@ -3,6 +3,7 @@
 //! [`connection::Connection`] task; [`registry::Registry`] makes a second
 //! connection with the same client id take over the first.
 
+mod codec;
 mod connection;
 mod persistent;
 mod registry;
