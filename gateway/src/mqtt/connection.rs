@@ -44,6 +44,8 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest client id accepted (MQTT allows 65535 bytes; real devices
 /// use a few dozen).
 const MAX_CLIENT_ID: usize = 256;
+/// The starting size of a connection's read and write buffers.
+const BUFFER: usize = 1024;
 /// How long a connection that took over waits for the previous one.
 const TAKEOVER_WAIT: Duration = Duration::from_secs(15);
 
@@ -138,8 +140,12 @@ impl Connection {
         else {
             return;
         };
-        let mut reader = FramedRead::new(read, codec.clone());
+        // Small buffers to start with (they grow for big packets): most
+        // packets are tens of bytes, and 10,000 idle devices should not
+        // hold 16 KiB of buffers each.
+        let mut reader = FramedRead::with_capacity(read, codec.clone(), BUFFER);
         let mut writer = FramedWrite::new(write, codec);
+        *writer.write_buffer_mut() = bytes::BytesMut::with_capacity(BUFFER);
 
         let Some((connect, extras)) =
             handshake(&mut reader, &mut writer, config.connect_timeout).await
@@ -1025,17 +1031,23 @@ impl Session {
     /// than `mqtt.max_publish_rate`; counted and logged once per episode.
     fn throttle(&mut self) -> Option<Duration> {
         let throttle = self.throttle.as_mut()?;
-        let wait = throttle.take(Instant::now());
-        let throttled = !wait.is_zero();
-        if throttled && !throttle.throttling {
+        let now = Instant::now();
+        let (wait, started) = throttle.take(now);
+        if started {
             let total = Counters::count(&self.auth.counters.throttled);
-            warn!(
-                throttled_total = total,
-                "publishing faster than mqtt.max_publish_rate: slowed down"
-            );
+            // One line per client per 10 s at most.
+            if throttle
+                .warned_at
+                .is_none_or(|at| now.duration_since(at) >= Duration::from_secs(10))
+            {
+                throttle.warned_at = Some(now);
+                warn!(
+                    throttled_total = total,
+                    "publishing faster than mqtt.max_publish_rate: slowed down"
+                );
+            }
         }
-        throttle.throttling = throttled;
-        throttled.then_some(wait)
+        (!wait.is_zero()).then_some(wait)
     }
 
     /// The client, for the ACL.

@@ -12,8 +12,11 @@ pub(crate) struct Throttle {
     /// May go below zero: the debt is the wait.
     tokens: f64,
     last: Instant,
-    /// Whether the previous publish had to wait (one count per episode).
+    /// Whether the client is being slowed down: from its first wait until
+    /// it has let the allowance refill halfway (one count per episode).
     pub(crate) throttling: bool,
+    /// When the last warning about this client was logged.
+    pub(crate) warned_at: Option<Instant>,
 }
 
 impl Throttle {
@@ -24,19 +27,25 @@ impl Throttle {
             tokens: f64::from(per_second),
             last: Instant::now(),
             throttling: false,
+            warned_at: None,
         })
     }
 
-    /// Takes one publish's token; how long to wait before handling it.
-    pub(crate) fn take(&mut self, now: Instant) -> Duration {
+    /// Takes one publish's token; how long to wait before handling it, and
+    /// whether that starts a new episode of throttling.
+    pub(crate) fn take(&mut self, now: Instant) -> (Duration, bool) {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = now;
         self.tokens = (self.tokens + elapsed * self.rate).min(self.rate) - 1.0;
         if self.tokens >= 0.0 {
-            Duration::ZERO
-        } else {
-            Duration::from_secs_f64(-self.tokens / self.rate)
+            if self.tokens >= self.rate / 2.0 {
+                self.throttling = false;
+            }
+            return (Duration::ZERO, false);
         }
+        let started = !self.throttling;
+        self.throttling = true;
+        (Duration::from_secs_f64(-self.tokens / self.rate), started)
     }
 }
 
@@ -49,17 +58,21 @@ mod tests {
         let start = Instant::now();
         let mut throttle = Throttle::new(10).unwrap();
         for _ in 0..10 {
-            assert_eq!(throttle.take(start), Duration::ZERO);
+            assert_eq!(throttle.take(start), (Duration::ZERO, false));
         }
-        let wait = throttle.take(start);
+        let (wait, started) = throttle.take(start);
         assert!((wait.as_secs_f64() - 0.1).abs() < 1e-9, "{wait:?}");
-        // After waiting it out, the next one waits another tenth.
+        assert!(started, "the first wait starts an episode");
+        // After waiting it out, the next one waits another tenth, in the
+        // same episode.
         let later = start + wait;
-        let wait = throttle.take(later);
+        let (wait, started) = throttle.take(later);
         assert!((wait.as_secs_f64() - 0.1).abs() < 1e-9, "{wait:?}");
-        // A quiet second refills the bucket.
+        assert!(!started);
+        // A quiet second refills the bucket and ends the episode.
         let quiet = later + Duration::from_secs(2);
-        assert_eq!(throttle.take(quiet), Duration::ZERO);
+        assert_eq!(throttle.take(quiet), (Duration::ZERO, false));
+        assert!(!throttle.throttling);
     }
 
     #[test]
