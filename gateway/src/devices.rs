@@ -95,6 +95,18 @@ impl Devices {
         known.by_place.insert(place, route);
     }
 
+    /// The devices last seen publishing through `client_id`, at most
+    /// `limit`: whose availability its will speaks for.
+    pub(crate) fn of_client(&self, client_id: &str, limit: usize) -> Vec<Place> {
+        self.read()
+            .by_place
+            .iter()
+            .filter(|(_, route)| route.client_id == client_id)
+            .map(|(place, _)| place.clone())
+            .take(limit)
+            .collect()
+    }
+
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Known> {
         self.known
             .write()

@@ -234,7 +234,8 @@ async fn random_and_mutated_packets_never_take_the_listener_down() {
         config.mqtt.connect_timeout = Duration::from_secs(1)
     })
     .await;
-    let (mut good, _) = RawClient::connect(gateway.mqtt_addr(), "steady", true, 30).await;
+    // No keep-alive: a long run (HEARTH_FUZZ_ROUNDS) outlasts any.
+    let (mut good, _) = RawClient::connect(gateway.mqtt_addr(), "steady", true, 0).await;
 
     // Valid packets to mutate: a CONNECT followed by a PUBLISH.
     let mut valid = bytes::BytesMut::new();
@@ -248,13 +249,72 @@ async fn random_and_mutated_packets_never_take_the_listener_down() {
     );
     publish.pkid = 1;
     publish.write(&mut valid).unwrap();
+    v4::Subscribe::new("a/+/#", QoS::ExactlyOnce)
+        .write(&mut valid)
+        .unwrap();
+    // And an MQTT 5 exchange, with properties, for the MQTT 5 codec.
+    let mut valid5 = bytes::BytesMut::new();
+    {
+        use rumqttc::v5::mqttbytes::v5 as m5;
+        use rumqttc::v5::mqttbytes::QoS as Q5;
+        let mut properties = m5::ConnectProperties::new();
+        properties.session_expiry_interval = Some(60);
+        properties.user_properties = vec![("k".into(), "v".into())];
+        let packets = [
+            m5::Packet::Connect(
+                m5::Connect {
+                    keep_alive: 5,
+                    client_id: "fuzz5".into(),
+                    clean_start: true,
+                    properties: Some(properties),
+                },
+                None,
+                None,
+            ),
+            m5::Packet::Publish(m5::Publish {
+                dup: false,
+                qos: Q5::AtLeastOnce,
+                retain: true,
+                topic: bytes::Bytes::from_static(b"hearth/h/r/d/motion"),
+                pkid: 2,
+                payload: bytes::Bytes::from_static(br#"{"detected":true}"#),
+                properties: Some(m5::PublishProperties {
+                    user_properties: vec![("room".into(), "hall".into())],
+                    message_expiry_interval: Some(30),
+                    ..Default::default()
+                }),
+            }),
+            m5::Packet::Subscribe(m5::Subscribe {
+                pkid: 3,
+                filters: vec![m5::Filter::new("a/#", Q5::ExactlyOnce)],
+                properties: None,
+            }),
+        ];
+        for packet in packets {
+            packet.write(&mut valid5, None).unwrap();
+        }
+    }
 
-    let mut rng = XorShift(0x5eed_1234_abcd_0001);
+    // HEARTH_FUZZ_ROUNDS and HEARTH_FUZZ_SEED make longer or other runs
+    // (see README, "Fuzzing the packet path").
+    let rounds: u64 = std::env::var("HEARTH_FUZZ_ROUNDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(200);
+    let seed: u64 = std::env::var("HEARTH_FUZZ_SEED")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0x5eed_1234_abcd_0001);
+    let mut rng = XorShift(seed | 1);
     let mut attackers = Vec::new();
-    for round in 0..200u32 {
-        let mut bytes = valid.to_vec();
+    for round in 0..rounds {
+        let mut bytes = if round % 4 < 2 {
+            valid.to_vec()
+        } else {
+            valid5.to_vec()
+        };
         if round % 2 == 0 {
-            // Flip a few bytes of a valid exchange.
+            // Flip a few bytes of a valid exchange (3.1.1 or 5).
             for _ in 0..(1 + rng.next() % 4) {
                 let at = (rng.next() as usize) % bytes.len();
                 bytes[at] = rng.next() as u8;
@@ -271,6 +331,14 @@ async fn random_and_mutated_packets_never_take_the_listener_down() {
             // (close, or keep a valid session open) without hanging the test.
             let _ = client.closed_within(Duration::from_secs(3)).await;
         }));
+        // At most a few hundred connections at once, however long the run.
+        if attackers.len() >= 200 {
+            for attacker in attackers.drain(..) {
+                attacker
+                    .await
+                    .expect("the attacking client itself does not panic");
+            }
+        }
     }
     for attacker in attackers {
         attacker

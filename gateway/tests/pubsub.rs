@@ -776,3 +776,52 @@ async fn the_will_of_a_killed_mosquitto_client_is_published() {
     );
     gateway.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_will_elsewhere_marks_the_clients_devices_offline() {
+    let nats = TestNats::start().await;
+    let gateway = gateway(&nats, |_| {}).await;
+    let will = v4::LastWill::new("status/pir", "gone", QoS::AtLeastOnce, false);
+    let mut device = connect_with_will(gateway.mqtt_addr(), "pir-client", 30, will).await;
+    device
+        .publish(
+            "hearth/home/hall/pir/motion",
+            br#"{"detected":true}"#,
+            QoS::AtLeastOnce,
+            1,
+            false,
+        )
+        .await;
+    device.expect_puback(1).await;
+    drop(device);
+
+    let js = jetstream(&nats).await;
+    let deadline = tokio::time::Instant::now() + PROMPTLY;
+    let offline = loop {
+        let events: Vec<_> = stored(&js, "HEARTH_EVENTS")
+            .await
+            .iter()
+            .map(json)
+            .collect();
+        if let Some(event) = events.iter().find(|e| e.get("availability").is_some()) {
+            break event.clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no availability event: {events:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(offline["availability"]["online"], false);
+    assert_eq!(
+        (
+            offline["home"].as_str(),
+            offline["room"].as_str(),
+            offline["device"].as_str()
+        ),
+        (Some("home"), Some("hall"), Some("pir"))
+    );
+    assert_eq!(offline["source"]["convention"], "gateway");
+    assert_eq!(offline["source"]["clientId"], "pir-client");
+    gateway.shutdown().await;
+}

@@ -330,9 +330,14 @@ impl Ingest {
     }
 
     /// Stores, in the background, an event the gateway observed itself
-    /// rather than decoded from a publish (a failed login): `device` is the
-    /// client id, the convention `gateway`.
-    pub(crate) fn store_own_event(&self, home: &str, room: &str, device: &str, body: Body) {
+    /// rather than decoded from a publish (a failed login, a will that
+    /// speaks for devices), convention `gateway`.
+    pub(crate) fn store_own_event(
+        &self,
+        (home, room, device): (&str, &str, &str),
+        client_id: &str,
+        body: Body,
+    ) {
         let id = uuid::Uuid::now_v7().to_string();
         let kind = body.kind();
         let subject = subject::event_subject(home, room, kind, device);
@@ -344,7 +349,7 @@ impl Ingest {
             received_at: Some(timestamp(SystemTime::now())),
             source: Some(v1::Source {
                 convention: "gateway".to_owned(),
-                client_id: device.to_owned(),
+                client_id: client_id.to_owned(),
                 topic: String::new(),
             }),
             home: home.to_owned(),
@@ -369,6 +374,21 @@ impl Ingest {
                 warn!(%error, kind, "could not store the gateway's own event");
             }
         });
+    }
+
+    /// Whether a publish of `payload` on `topic` decodes to an availability
+    /// event (a will on an availability topic does).
+    pub(crate) fn is_availability(&self, topic: &str, payload: &[u8]) -> bool {
+        matches!(
+            self.conventions.decode(topic, payload).1,
+            Ok(Decoded::Events(readings))
+                if readings.iter().any(|r| matches!(r.body, Body::Availability(_)))
+        )
+    }
+
+    /// The devices `client_id` last published for.
+    pub(crate) fn devices_of(&self, client_id: &str, limit: usize) -> Vec<crate::devices::Place> {
+        self.devices.of_client(client_id, limit)
     }
 
     pub(crate) fn count_qos0_drop(&self, error: &dyn std::fmt::Display) {

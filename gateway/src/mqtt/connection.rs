@@ -147,8 +147,13 @@ impl Connection {
         let mut writer = FramedWrite::new(write, codec);
         *writer.write_buffer_mut() = bytes::BytesMut::with_capacity(BUFFER);
 
-        let Some((connect, extras)) =
-            handshake(&mut reader, &mut writer, config.connect_timeout).await
+        let Some((connect, extras)) = handshake(
+            &mut reader,
+            &mut writer,
+            config.connect_timeout,
+            &self.shared.auth.counters,
+        )
+        .await
         else {
             return;
         };
@@ -307,6 +312,8 @@ impl Connection {
 
         // The will goes last through the pipeline, stored and routed like
         // any publish from the client.
+        let mut will_topic = String::new();
+        let mut will_payload = bytes::Bytes::new();
         let will = will
             .filter(|_| closed.publishes_will())
             .filter(|will| {
@@ -317,6 +324,8 @@ impl Connection {
                 allowed
             })
             .and_then(|will| {
+                will_topic.clone_from(&will.topic);
+                will_payload = will.message.clone();
                 let received = Received {
                     budget: None,
                     client_id: Arc::clone(&session.client_id),
@@ -334,6 +343,7 @@ impl Connection {
         drop(jobs);
         if will.is_some() {
             info!(reason = ?closed, "publishing the will");
+            session.will_speaks_for_devices(&will_topic, &will_payload);
             let drain = async {
                 // The will is the last to settle; what the client sent
                 // before it is not acknowledged (the connection is gone) and
@@ -445,8 +455,7 @@ async fn refuse_login(
             &connect.client_id
         };
         shared.ingest.store_own_event(
-            &shared.config.home,
-            "gateway",
+            (&shared.config.home, "gateway", device),
             device,
             Body::LoginFailed(LoginFailed {
                 username,
@@ -465,8 +474,14 @@ async fn handshake(
     reader: &mut Reader,
     writer: &mut Writer,
     timeout: Duration,
+    counters: &Counters,
 ) -> Option<(v4::Connect, Option<Box<Extras>>)> {
-    let refuse = |code| v4::Packet::ConnAck(v4::ConnAck::new(code, false));
+    // Every refusal is counted (`refused_connections`); the log line names
+    // the address (and client id) through the connection's span.
+    let refuse = |code| {
+        Counters::count(&counters.refused_connections);
+        v4::Packet::ConnAck(v4::ConnAck::new(code, false))
+    };
     let first = match tokio::time::timeout(timeout, reader.next()).await {
         Err(_) => {
             debug!("no CONNECT in time");
@@ -998,6 +1013,31 @@ impl Session {
             }
         }
         Ok(None)
+    }
+
+    /// A will not on an availability topic still means the client's devices
+    /// are gone: each gets an `availability` (offline) event, unless the
+    /// will itself is one.
+    fn will_speaks_for_devices(&self, topic: &str, payload: &[u8]) {
+        /// A bridge (Zigbee2MQTT) speaks for many devices; not for thousands.
+        const MOST: usize = 1000;
+        if self.ingest.is_availability(topic, payload) {
+            return;
+        }
+        let devices = self.ingest.devices_of(&self.client_id, MOST);
+        if !devices.is_empty() {
+            info!(
+                devices = devices.len(),
+                "the will marks the client's devices offline"
+            );
+        }
+        for place in devices {
+            self.ingest.store_own_event(
+                (&place.home, &place.room, &place.device),
+                &self.client_id,
+                Body::Availability(hearth_proto::v1::Availability { online: false }),
+            );
+        }
     }
 
     /// Routes a stored publish to subscribers, and records it as the
