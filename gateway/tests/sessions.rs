@@ -325,3 +325,81 @@ async fn mosquitto_clients_keep_a_session_and_get_qos2_exactly_once() {
     );
     gateway.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_mosquitto_session_gets_what_was_queued_across_a_gateway_restart() {
+    assert!(
+        hearth_test_support::mosquitto_pub_available(),
+        "mosquitto_pub is missing: scripts/setup.sh installs mosquitto-clients"
+    );
+    let mosquitto = |program: &str, port: u16, args: &[&str]| {
+        let mut command = tokio::process::Command::new(program);
+        command
+            .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+            .args(args)
+            .stdout(Stdio::piped())
+            .kill_on_drop(true);
+        command
+    };
+    let nats = TestNats::start().await;
+    let first = gateway(&nats, |_| {}).await;
+    let port = first.mqtt_addr().port();
+    // Subscribe with a kept session, then leave (-W 1: gone after a second).
+    let _ = mosquitto(
+        "mosquitto_sub",
+        port,
+        &[
+            "-i",
+            "mosq-restart",
+            "-c",
+            "-q",
+            "1",
+            "-t",
+            "garage/#",
+            "-W",
+            "1",
+        ],
+    )
+    .output()
+    .await
+    .expect("run mosquitto_sub");
+    let status = mosquitto(
+        "mosquitto_pub",
+        port,
+        &["-q", "1", "-t", "garage/door", "-m", "opened while away"],
+    )
+    .status()
+    .await
+    .expect("run mosquitto_pub");
+    assert!(status.success());
+    first.shutdown().await;
+
+    let second = gateway(&nats, |_| {}).await;
+    let output = mosquitto(
+        "mosquitto_sub",
+        second.mqtt_addr().port(),
+        &[
+            "-i",
+            "mosq-restart",
+            "-c",
+            "-q",
+            "1",
+            "-t",
+            "garage/#",
+            "-v",
+            "-C",
+            "1",
+            "-W",
+            "20",
+        ],
+    )
+    .output()
+    .await
+    .expect("run mosquitto_sub");
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        "garage/door opened while away\n"
+    );
+    second.shutdown().await;
+}
