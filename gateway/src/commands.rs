@@ -255,14 +255,15 @@ impl Commands {
                 .await;
                 return;
             }
-            let Some((topic, payload)) = self.encode(&place, &command) else {
+            let Some((topic, payload, device_client)) = self.encode(&place, &command) else {
                 debug!("not a device command; left to the house rules");
                 ack(&message, AckKind::Ack).await;
                 return;
             };
-            // Kept for persistent sessions of the device, connected or not:
-            // that is delivery as far as the command goes.
-            match self
+            // Kept for a persistent session of the device, connected or not:
+            // that is delivery as far as the command goes. (Other persistent
+            // subscribers of the topic get their copy too.)
+            let queued_for = match self
                 .sessions
                 .enqueue(
                     &topic,
@@ -272,26 +273,39 @@ impl Commands {
                 )
                 .await
             {
-                Ok(0) => {}
-                Ok(sessions) => {
-                    info!(topic, sessions, "command queued for persistent sessions");
-                    if let Err(error) = self
-                        .router
-                        .publish(&topic, payload.into(), QoS::AtLeastOnce, &[])
-                        .await
-                    {
-                        debug!(%error, "live copy not routed");
-                    }
-                    self.newest.insert(place, sequence);
-                    ack(&message, AckKind::Ack).await;
-                    return;
+                Ok(clients) => clients,
+                Err(error) => {
+                    warn!(%error, "could not queue the command for persistent sessions");
+                    Vec::new()
                 }
-                Err(error) => warn!(%error, "could not queue the command for persistent sessions"),
+            };
+            let kept = match &device_client {
+                Some(client) => queued_for.iter().any(|queued| **queued == **client),
+                None => !queued_for.is_empty(),
+            };
+            if kept {
+                info!(topic, "command queued in the device's persistent session");
+                if let Err(error) = self
+                    .router
+                    .publish(&topic, payload.into(), QoS::AtLeastOnce, &[])
+                    .await
+                {
+                    debug!(%error, "live copy not routed");
+                }
+                self.newest.insert(place, sequence);
+                ack(&message, AckKind::Ack).await;
+                return;
             }
             let confirm = format!("{}.{sequence}", self.inbox);
             if let Err(error) = self
                 .router
-                .publish_confirmed(&topic, payload.into(), QoS::AtLeastOnce, confirm.into())
+                .publish_confirmed(
+                    &topic,
+                    payload.into(),
+                    QoS::AtLeastOnce,
+                    confirm.into(),
+                    device_client.as_deref(),
+                )
                 .await
             {
                 warn!(%error, topic, "could not send the command; trying again");
@@ -316,10 +330,20 @@ impl Commands {
         .await;
     }
 
-    /// The device's command topic and the payload in its convention.
-    fn encode(&self, place: &Place, command: &v1::Command) -> Option<(String, Vec<u8>)> {
-        let (convention, root) = match self.devices.route(place) {
-            Some(route) => (self.conventions.get(&route.convention)?, route.topic),
+    /// The device's command topic, the payload in its convention, and the
+    /// client id it publishes with (when known: only its acknowledgement
+    /// counts, not that of some other subscriber to the topic).
+    fn encode(
+        &self,
+        place: &Place,
+        command: &v1::Command,
+    ) -> Option<(String, Vec<u8>, Option<String>)> {
+        let (convention, root, client) = match self.devices.route(place) {
+            Some(route) => (
+                self.conventions.get(&route.convention)?,
+                route.topic,
+                Some(route.client_id).filter(|id| !id.is_empty()),
+            ),
             None => {
                 let native = self.conventions.fallback()?;
                 let root = format!(
@@ -329,11 +353,11 @@ impl Commands {
                     place.room,
                     place.device
                 );
-                (native, root)
+                (native, root, None)
             }
         };
         let payload = convention.command_payload(command)?;
-        Some((format!("{root}/set"), payload))
+        Some((format!("{root}/set"), payload, client))
     }
 
     async fn confirmed(&mut self, subject: &str) {
@@ -391,9 +415,9 @@ impl Commands {
         warn!(reason = reason.as_str(), detail, subject = %message.subject, "command given up");
         let mut headers = HeaderMap::new();
         headers.insert(REASON, reason.as_str());
-        headers.insert(DETAIL, detail);
+        headers.insert(DETAIL, &*crate::ingest::header_safe(detail));
         if !correlation_id.is_empty() {
-            headers.insert(CORRELATION_ID, correlation_id);
+            headers.insert(CORRELATION_ID, &*crate::ingest::header_safe(correlation_id));
         }
         if let Some(content_type) = message
             .headers

@@ -53,6 +53,10 @@ pub(crate) struct Record {
     /// sent again under the same packet id.
     #[serde(default)]
     pub(crate) inflight: BTreeMap<u64, u16>,
+    /// Packet ids of QoS 2 messages whose PUBREL was sent and whose PUBCOMP
+    /// had not come: the PUBREL is sent again on return.
+    #[serde(default)]
+    pub(crate) released: std::collections::BTreeSet<u16>,
 }
 
 /// A message from a session's queue.
@@ -65,9 +69,16 @@ pub(crate) struct Queued {
     pub(crate) user_properties: Vec<(String, String)>,
 }
 
+/// A connection of this gateway attached to a session: its number and
+/// what wakes it.
+type Attached = (u64, watch::Sender<u64>);
+
 #[derive(Debug, Default)]
 struct Known {
     records: HashMap<Arc<str>, Record>,
+    /// The stream sequence of each client's latest known state (deleted
+    /// ones too), so that a late copy of an older one is not applied.
+    sequences: HashMap<Arc<str>, u64>,
     subscriptions: Subscriptions<Arc<str>>,
 }
 
@@ -76,8 +87,10 @@ pub(crate) struct Sessions {
     js: jetstream::Context,
     known: RwLock<Known>,
     /// Connected persistent sessions of this gateway: told the newest
-    /// sequence of their queue.
-    woken: Mutex<HashMap<Arc<str>, watch::Sender<u64>>>,
+    /// sequence of their queue. Keyed by client id, with the number of the
+    /// connection that attached.
+    woken: Mutex<HashMap<Arc<str>, Attached>>,
+    attachments: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +114,7 @@ impl Sessions {
             js: js.clone(),
             known: RwLock::default(),
             woken: Mutex::default(),
+            attachments: std::sync::atomic::AtomicU64::new(0),
         });
         let follower = Arc::clone(&sessions);
         follow(
@@ -157,15 +171,25 @@ impl Sessions {
                 }
             }
         };
-        self.apply(&client_id, record);
+        let Ok(info) = message.info() else { return };
+        self.apply(&client_id, record, info.stream_sequence);
     }
 
-    /// Makes `record` (`None`: no session) the known state of `client_id`.
-    fn apply(&self, client_id: &str, record: Option<Record>) {
+    /// Makes `record` (`None`: no session), stored at `sequence`, the known
+    /// state of `client_id`, unless a later one is known.
+    fn apply(&self, client_id: &str, record: Option<Record>, sequence: u64) {
         let mut known = self
             .known
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if known
+            .sequences
+            .get(client_id)
+            .is_some_and(|known| *known >= sequence)
+        {
+            return;
+        }
+        known.sequences.insert(client_id.into(), sequence);
         let key: Arc<str> = known
             .records
             .get_key_value(client_id)
@@ -194,7 +218,7 @@ impl Sessions {
             .woken
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(sender) = woken.get(client_id.as_str()) {
+        if let Some((_, sender)) = woken.get(client_id.as_str()) {
             sender.send_if_modified(|newest| {
                 let newer = info.stream_sequence > *newest;
                 if newer {
@@ -250,7 +274,7 @@ impl Sessions {
 
     /// Queues a message that did not come from a client's publish (a
     /// command) for every persistent session subscribed to `topic`; returns
-    /// how many, once stored. `id` makes a repeat of the same message a
+    /// their client ids, once stored. `id` makes a repeat of the same message a
     /// duplicate JetStream drops.
     pub(crate) async fn enqueue(
         &self,
@@ -258,13 +282,16 @@ impl Sessions {
         payload: Bytes,
         qos: QoS,
         id: &str,
-    ) -> Result<usize, SessionError> {
+    ) -> Result<Vec<Arc<str>>, SessionError> {
         let save = |e: String| SessionError::Save(e);
         let targets = self.queued_for(topic, qos);
         let mut acks = Vec::with_capacity(targets.len());
         for (client_id, qos) in &targets {
             let mut headers = async_nats::HeaderMap::new();
-            headers.insert(hearth_proto::headers::MQTT_TOPIC, topic);
+            headers.insert(
+                hearth_proto::headers::MQTT_TOPIC,
+                &*crate::broker::encode_property(topic),
+            );
             headers.insert(
                 hearth_proto::headers::MQTT_QOS,
                 crate::broker::qos_digit(*qos),
@@ -283,14 +310,17 @@ impl Sessions {
         for ack in acks {
             ack.await.map_err(|e| save(e.to_string()))?;
         }
-        Ok(targets.len())
+        Ok(targets
+            .into_iter()
+            .map(|(client_id, _)| client_id)
+            .collect())
     }
 
     /// Stores the state of `client_id`'s session; returns once stored.
     pub(crate) async fn save(&self, client_id: &str, record: &Record) -> Result<(), SessionError> {
         let payload = serde_json::to_vec(record).map_err(|e| SessionError::Save(e.to_string()))?;
-        self.store(client_id, payload.into()).await?;
-        self.apply(client_id, Some(record.clone()));
+        let sequence = self.store(client_id, payload.into()).await?;
+        self.apply(client_id, Some(record.clone()), sequence);
         Ok(())
     }
 
@@ -298,8 +328,8 @@ impl Sessions {
     pub(crate) async fn discard(&self, client_id: &str) -> Result<(), SessionError> {
         // An empty message is the deletion: the last of its subject, it is
         // what every gateway following the stream sees.
-        self.store(client_id, Bytes::new()).await?;
-        self.apply(client_id, None);
+        let sequence = self.store(client_id, Bytes::new()).await?;
+        self.apply(client_id, None, sequence);
         let queue = self
             .js
             .get_stream_no_info(QUEUE_STREAM)
@@ -313,32 +343,46 @@ impl Sessions {
         Ok(())
     }
 
-    async fn store(&self, client_id: &str, payload: Bytes) -> Result<(), SessionError> {
+    /// Stores a state of `client_id`'s session; its stream sequence.
+    async fn store(&self, client_id: &str, payload: Bytes) -> Result<u64, SessionError> {
         let save = |e: String| SessionError::Save(e);
-        self.js
+        let ack = self
+            .js
             .publish(subject::session_subject(client_id), payload)
             .await
             .map_err(|e| save(e.to_string()))?
             .await
             .map_err(|e| save(e.to_string()))?;
-        Ok(())
+        Ok(ack.sequence)
     }
 
-    /// Tells this gateway's connection of `client_id` when its queue grows.
-    pub(crate) fn attach(&self, client_id: &Arc<str>) -> watch::Receiver<u64> {
+    /// Tells this gateway's connection of `client_id` when its queue grows;
+    /// the number to detach with.
+    pub(crate) fn attach(&self, client_id: &Arc<str>) -> (watch::Receiver<u64>, u64) {
         let (sender, receiver) = watch::channel(0);
+        let attachment = self
+            .attachments
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.woken
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(Arc::clone(client_id), sender);
-        receiver
+            .insert(Arc::clone(client_id), (attachment, sender));
+        (receiver, attachment)
     }
 
-    pub(crate) fn detach(&self, client_id: &str) {
-        self.woken
+    /// Stops waking `attachment`, unless a newer connection of the same
+    /// client attached since.
+    pub(crate) fn detach(&self, client_id: &str, attachment: u64) {
+        let mut woken = self
+            .woken
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .remove(client_id);
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if woken
+            .get(client_id)
+            .is_some_and(|(current, _)| *current == attachment)
+        {
+            woken.remove(client_id);
+        }
     }
 
     /// The first message queued for `client_id` at sequence `from` or later.
@@ -370,7 +414,9 @@ impl Sessions {
                 .get(name)
                 .map(|value| value.as_str().to_owned())
         };
-        let topic = header(hearth_proto::headers::MQTT_TOPIC).unwrap_or_default();
+        let topic = header(hearth_proto::headers::MQTT_TOPIC)
+            .and_then(|topic| subject::decode_token(&topic).ok())
+            .unwrap_or_default();
         let qos = header(hearth_proto::headers::MQTT_QOS)
             .and_then(|qos| parse_qos(&qos))
             .unwrap_or(QoS::AtLeastOnce);

@@ -314,3 +314,52 @@ async fn a_command_for_an_away_device_with_a_persistent_session_waits_for_it() {
     assert_eq!(payload["command_id"], command.id.as_str());
     gateway.shutdown().await;
 }
+
+#[tokio::test]
+async fn only_the_device_itself_confirms_a_command() {
+    let nats = TestNats::start().await;
+    let gateway = gateway(&nats, |_| {}).await;
+    let js = jetstream(&nats).await;
+    let addr = gateway.mqtt_addr();
+    // The lamp has reported, so its client id is known; then it went away.
+    let (mut lamp, _) = RawClient::connect(addr, "lamp-client", true, 30).await;
+    lamp.publish(
+        "hearth/home/hall/lamp/light",
+        br#"{"on":false}"#,
+        QoS::AtLeastOnce,
+        1,
+        false,
+    )
+    .await;
+    lamp.expect_puback(1).await;
+    drop(lamp);
+    stored_at_least(&js, "HEARTH_DEVICES", 1).await;
+    // An observer of everything acknowledges everything it gets.
+    let (mut observer, _) = RawClient::connect(addr, "observer", true, 30).await;
+    subscribe(&mut observer, "#").await;
+
+    let sequence = issue(&js, &light_set("home", "hall", "lamp", true, None)).await;
+    let seen = next_publish(&mut observer).await;
+    assert_eq!(seen.topic, "hearth/home/hall/lamp/set");
+    observer
+        .send(Packet::PubAck(v4::PubAck::new(seen.pkid)))
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut consumer: jetstream::consumer::PullConsumer = js
+        .get_consumer_from_stream("hearth-gateway", "HEARTH_COMMANDS")
+        .await
+        .unwrap();
+    assert_eq!(
+        consumer.info().await.unwrap().num_ack_pending,
+        1,
+        "an observer's PUBACK is not the lamp's"
+    );
+
+    let (mut lamp, _) = RawClient::connect(addr, "lamp-client", true, 30).await;
+    subscribe(&mut lamp, "hearth/home/hall/lamp/set").await;
+    let publish = next_publish(&mut lamp).await;
+    lamp.send(Packet::PubAck(v4::PubAck::new(publish.pkid)))
+        .await;
+    acknowledged_through(&js, sequence).await;
+    gateway.shutdown().await;
+}

@@ -213,3 +213,52 @@ async fn a_session_expiry_keeps_the_session_and_a_topic_alias_is_refused_with_it
     }
     gateway.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_plain_mqtt5_disconnect_is_clean_and_publishes_no_will() {
+    let nats = TestNats::start().await;
+    let gateway = gateway(&nats, |_| {}).await;
+    let addr = gateway.mqtt_addr();
+    let (mut watcher, _) = RawClient::connect(addr, "watcher", true, 30).await;
+    let mut subscribe =
+        rumqttc::mqttbytes::v4::Subscribe::new("wills/#", rumqttc::mqttbytes::QoS::AtMostOnce);
+    subscribe.pkid = 1;
+    watcher
+        .send(rumqttc::mqttbytes::v4::Packet::Subscribe(subscribe))
+        .await;
+    assert!(watcher.next().await.is_some(), "SUBACK");
+
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let mut client = Framed::new(
+        stream,
+        v5::Codec {
+            max_incoming_size: None,
+            max_outgoing_size: None,
+        },
+    );
+    let connect = v5::Connect {
+        keep_alive: 30,
+        client_id: "polite5".into(),
+        clean_start: true,
+        properties: None,
+    };
+    let will = v5::LastWill::new("wills/polite5", "gone", QoS::AtMostOnce, false, None);
+    client
+        .send(Packet::Connect(connect, Some(will), None))
+        .await
+        .unwrap();
+    assert!(matches!(next(&mut client).await, Some(Packet::ConnAck(_))));
+    client
+        .send(Packet::Disconnect(v5::Disconnect::new(
+            v5::DisconnectReasonCode::NormalDisconnection,
+        )))
+        .await
+        .unwrap();
+    assert!(
+        watcher
+            .silent_for(std::time::Duration::from_millis(700))
+            .await,
+        "no will after a normal DISCONNECT"
+    );
+    gateway.shutdown().await;
+}

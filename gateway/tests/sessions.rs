@@ -403,3 +403,115 @@ async fn a_mosquitto_session_gets_what_was_queued_across_a_gateway_restart() {
     );
     second.shutdown().await;
 }
+
+#[tokio::test]
+async fn what_the_client_acknowledged_out_of_order_does_not_come_again() {
+    let nats = TestNats::start().await;
+    let gateway = gateway(&nats, |_| {}).await;
+    let addr = gateway.mqtt_addr();
+    let (mut app, _) = RawClient::connect(addr, "picky", false, 30).await;
+    subscribe(&mut app, "o/#", QoS::AtLeastOnce).await;
+    publish_all(addr, "o/x", &["1", "2", "3"]).await;
+    let got = [
+        next_publish(&mut app).await,
+        next_publish(&mut app).await,
+        next_publish(&mut app).await,
+    ];
+    // Acknowledges the second and third, not the first.
+    for publish in &got[1..] {
+        app.send(Packet::PubAck(v4::PubAck::new(publish.pkid)))
+            .await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(app);
+    let (mut app, _) = RawClient::connect(addr, "picky", false, 30).await;
+    let again = next_publish(&mut app).await;
+    assert_eq!(
+        (&again.payload[..], again.dup, again.pkid),
+        (&b"1"[..], true, got[0].pkid)
+    );
+    app.send(Packet::PubAck(v4::PubAck::new(again.pkid))).await;
+    assert!(
+        app.silent_for(Duration::from_millis(500)).await,
+        "2 and 3 were acknowledged"
+    );
+    gateway.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_qos2_release_is_sent_again_on_return_and_its_packet_id_is_not_reused() {
+    let nats = TestNats::start().await;
+    let gateway = gateway(&nats, |_| {}).await;
+    let addr = gateway.mqtt_addr();
+    let (mut app, _) = RawClient::connect(addr, "two", false, 30).await;
+    subscribe(&mut app, "q2/#", QoS::ExactlyOnce).await;
+    let (mut device, _) = RawClient::connect(addr, "dev2", true, 30).await;
+    device
+        .publish("q2/a", b"first", QoS::ExactlyOnce, 1, false)
+        .await;
+    assert!(matches!(device.next().await, Some(Packet::PubRec(_))));
+    let first = next_publish(&mut app).await;
+    assert_eq!(first.qos, QoS::ExactlyOnce);
+    app.send(Packet::PubRec(v4::PubRec::new(first.pkid))).await;
+    assert!(matches!(app.next().await, Some(Packet::PubRel(rel)) if rel.pkid == first.pkid));
+    // Gone before PUBCOMP.
+    drop(app);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let (mut app, ack) = RawClient::connect(addr, "two", false, 30).await;
+    assert!(ack.session_present);
+    assert!(
+        matches!(app.next().await, Some(Packet::PubRel(rel)) if rel.pkid == first.pkid),
+        "the PUBREL comes again"
+    );
+    device
+        .publish("q2/a", b"second", QoS::ExactlyOnce, 2, false)
+        .await;
+    let second = next_publish(&mut app).await;
+    assert_eq!(&second.payload[..], b"second");
+    assert_ne!(second.pkid, first.pkid, "the held packet id is not reused");
+    app.send(Packet::PubComp(v4::PubComp::new(first.pkid)))
+        .await;
+    gateway.shutdown().await;
+}
+
+#[tokio::test]
+async fn odd_topics_are_kept_exactly_and_odd_client_ids_refused() {
+    let nats = TestNats::start().await;
+    let gateway = gateway(&nats, |_| {}).await;
+    let addr = gateway.mqtt_addr();
+    let (_, ack) = RawClient::connect(addr, "line\nbreak", false, 30).await;
+    assert_eq!(ack.code, v4::ConnectReturnCode::BadClientId);
+
+    let (mut app, _) = RawClient::connect(addr, "odd", false, 30).await;
+    subscribe(&mut app, "odd/#", QoS::AtLeastOnce).await;
+    drop(app);
+    publish_all(addr, "odd/tab\there/100%/new\nline", &["x"]).await;
+    let (mut app, _) = RawClient::connect(addr, "odd", false, 30).await;
+    assert_eq!(
+        next_publish(&mut app).await.topic,
+        "odd/tab\there/100%/new\nline"
+    );
+    gateway.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_nats_application_reaches_a_connected_persistent_session_at_qos1() {
+    let nats = TestNats::start().await;
+    let gateway = gateway(&nats, |_| {}).await;
+    let (mut app, _) = RawClient::connect(gateway.mqtt_addr(), "kept", false, 30).await;
+    subscribe(&mut app, "from/nats", QoS::AtLeastOnce).await;
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Hearth-Mqtt-Qos", "1");
+    client
+        .publish_with_headers("hearth.mqtt.from.nats", headers, "hi".into())
+        .await
+        .unwrap();
+    let publish = next_publish(&mut app).await;
+    assert_eq!(
+        (&publish.payload[..], publish.qos),
+        (&b"hi"[..], QoS::AtLeastOnce)
+    );
+    gateway.shutdown().await;
+}

@@ -81,4 +81,10 @@ pub mod headers {
     /// An MQTT 5 user property, `name=value`, percent-encoded where needed;
     /// one header per property.
     pub const MQTT_USER_PROPERTY: &str = "Hearth-Mqtt-User-Property";
+    /// On a QoS 1/2 message a gateway routes on `hearth.mqtt.>`: persistent
+    /// sessions got their copy through their queue, not this one.
+    pub const MQTT_QUEUED: &str = "Hearth-Mqtt-Queued";
+    /// On a routed message with a reply subject: only this client's
+    /// acknowledgement answers it (a command for its device).
+    pub const CONFIRM_CLIENT: &str = "Hearth-Confirm-Client";
 }

@@ -39,6 +39,8 @@ pub(crate) use subscriptions::Subscriptions;
 const QOS_HEADER: HeaderName = HeaderName::from_static(hearth_proto::headers::MQTT_QOS);
 const USER_PROPERTY: HeaderName =
     HeaderName::from_static(hearth_proto::headers::MQTT_USER_PROPERTY);
+const QUEUED: HeaderName = HeaderName::from_static(hearth_proto::headers::MQTT_QUEUED);
+const CONFIRM_CLIENT: HeaderName = HeaderName::from_static(hearth_proto::headers::CONFIRM_CLIENT);
 
 /// A message for one client, matching one or more of its subscriptions.
 #[derive(Debug, Clone)]
@@ -182,19 +184,25 @@ impl Router {
     }
 
     /// Like [`Router::publish`], asking the gateway of a subscriber to say
-    /// on `confirm` once the subscriber has the message (the first to have
-    /// it answers; nobody answers when nobody subscribes).
+    /// on `confirm` once the subscriber has the message: `client_id`'s only
+    /// when given, else the first to have it (nobody answers when nobody
+    /// subscribes).
     pub(crate) async fn publish_confirmed(
         &self,
         topic: &str,
         payload: Bytes,
         qos: QoS,
         confirm: Subject,
+        client_id: Option<&str>,
     ) -> Result<(), RouteError> {
         let subject =
             subject::mqtt_subject(topic).ok_or_else(|| RouteError::Topic(topic.into()))?;
+        let mut headers = qos_headers(qos);
+        if let Some(client_id) = client_id {
+            headers.insert(CONFIRM_CLIENT, &*encode_property(client_id));
+        }
         self.client
-            .publish_with_reply_and_headers(subject, confirm, qos_headers(qos), payload)
+            .publish_with_reply_and_headers(subject, confirm, headers, payload)
             .await?;
         Ok(())
     }
@@ -250,16 +258,21 @@ impl Router {
                 .and_then(|headers| headers.get(QOS_HEADER))
                 .and_then(|value| parse_qos(value.as_str()))
                 .unwrap_or(QoS::AtMostOnce);
-            let properties = message
-                .headers
-                .as_ref()
-                .map(user_properties)
-                .unwrap_or_default();
+            let headers = message.headers.as_ref();
+            let properties = headers.map(user_properties).unwrap_or_default();
+            let queued = headers.is_some_and(|headers| headers.get(QUEUED).is_some());
+            let confirm = message.reply.map(|reply| {
+                let only = headers
+                    .and_then(|headers| headers.get(CONFIRM_CLIENT))
+                    .and_then(|client| subject::decode_token(client.as_str()).ok());
+                (reply, only)
+            });
             self.deliver(
                 topic.into(),
                 message.payload,
                 qos,
-                message.reply,
+                confirm,
+                queued,
                 &properties,
             );
         }
@@ -271,7 +284,8 @@ impl Router {
         topic: Arc<str>,
         payload: Bytes,
         qos: QoS,
-        confirm: Option<Subject>,
+        confirm: Option<(Subject, Option<String>)>,
+        queued: bool,
         properties: &[(String, String)],
     ) {
         let state = self.state();
@@ -280,17 +294,22 @@ impl Router {
                 continue;
             };
             let qos = if granted < qos { granted } else { qos };
-            if outbox.persistent && qos != QoS::AtMostOnce {
+            if outbox.persistent && qos != QoS::AtMostOnce && queued {
                 // Comes through the session's queue.
                 continue;
             }
+            let confirm = confirm.as_ref().and_then(|(reply, only)| {
+                only.as_deref()
+                    .is_none_or(|only| only == &*outbox.client_id)
+                    .then(|| reply.clone())
+            });
             let delivery = Delivery {
                 topic: Arc::clone(&topic),
                 payload: payload.clone(),
                 qos,
                 retain: false,
                 user_properties: properties.to_vec(),
-                confirm: confirm.clone(),
+                confirm,
             };
             if let Err(mpsc::error::TrySendError::Full(_)) = outbox.sender.try_send(delivery) {
                 self.count_drop(&outbox.client_id, &topic);
@@ -403,7 +422,9 @@ pub(crate) fn user_properties(headers: &HeaderMap) -> Vec<(String, String)> {
         .collect()
 }
 
-fn encode_property(text: &str) -> std::borrow::Cow<'_, str> {
+/// `text` with `%`, `=` and control characters percent-encoded: safe in a
+/// NATS header value, and back with `subject::decode_token`.
+pub(crate) fn encode_property(text: &str) -> std::borrow::Cow<'_, str> {
     if !text.contains(|c: char| c == '%' || c == '=' || c.is_control()) {
         return text.into();
     }
@@ -421,9 +442,14 @@ fn encode_property(text: &str) -> std::borrow::Cow<'_, str> {
     out.into()
 }
 
+/// The QoS header; for QoS 1/2 also the mark that persistent sessions got
+/// their copy through their queue (every gateway publish queues it).
 fn qos_headers(qos: QoS) -> HeaderMap {
     let mut headers = HeaderMap::new();
     headers.insert(QOS_HEADER, qos_digit(qos));
+    if qos != QoS::AtMostOnce {
+        headers.insert(QUEUED, "1");
+    }
     headers
 }
 

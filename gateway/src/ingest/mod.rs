@@ -71,9 +71,10 @@ enum Meta {
     },
     /// The publish itself, as the topic's retained message.
     Retained,
-    /// The publish, queued for a persistent session at this QoS.
+    /// The publish, queued for the persistent session of `target` at `qos`.
     Queued {
         qos: QoS,
+        target: std::sync::Arc<str>,
     },
 }
 
@@ -144,8 +145,10 @@ impl Prepared {
                 map.insert(EVENT_ID, id.as_str());
                 map.insert(KIND, *kind);
             }
-            Meta::Queued { qos } => {
-                map.insert(MQTT_TOPIC, &*self.topic);
+            Meta::Queued { qos, .. } => {
+                // Exactly, as the session's client gets it: a topic may hold
+                // characters a header cannot.
+                map.insert(MQTT_TOPIC, &*crate::broker::encode_property(&self.topic));
                 map.insert(MQTT_QOS, crate::broker::qos_digit(*qos));
                 crate::broker::add_user_properties(&mut map, &self.user_properties);
             }
@@ -163,7 +166,11 @@ impl Prepared {
         }
         map.insert(CORRELATION_ID, self.correlation_id.as_str());
         if let Some(key) = &self.dedup {
-            map.insert(NATS_MESSAGE_ID, key.message_id(generation, index));
+            let id = match &message.meta {
+                Meta::Queued { target, .. } => key.queued_id(generation, target),
+                _ => key.message_id(generation, index),
+            };
+            map.insert(NATS_MESSAGE_ID, id);
         }
         map
     }
@@ -249,7 +256,10 @@ impl Ingest {
             messages.push(Outgoing {
                 subject: Subject::from(subject::queue_subject(&client_id)),
                 payload: received.payload.clone(),
-                meta: Meta::Queued { qos },
+                meta: Meta::Queued {
+                    qos,
+                    target: client_id,
+                },
             });
         }
         let dedup = (received.qos != QoS::AtMostOnce).then(|| {
@@ -472,7 +482,7 @@ const MAX_HEADER_VALUE: usize = 1024;
 
 /// Header values cannot carry line breaks, and must leave the message room
 /// for its payload; device-chosen strings may be long or contain anything.
-fn header_safe(value: &str) -> std::borrow::Cow<'_, str> {
+pub(crate) fn header_safe(value: &str) -> std::borrow::Cow<'_, str> {
     let clean = !value.chars().any(char::is_control);
     if clean && value.len() <= MAX_HEADER_VALUE {
         return value.into();

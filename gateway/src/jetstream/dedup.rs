@@ -58,6 +58,20 @@ impl DedupKey {
         )
     }
 
+    /// The `Nats-Msg-Id` of this publish's copy queued for the persistent
+    /// session of `target` at `generation`: by the session, not by position,
+    /// so that a retry that finds other sessions subscribed cannot mistake
+    /// one session's copy for another's.
+    pub fn queued_id(&self, generation: u32, target: &str) -> String {
+        format!(
+            "{:016x}-{}-{:016x}-{generation}-q{:016x}",
+            self.client,
+            self.packet_id,
+            self.content,
+            xxh3_64(target.as_bytes())
+        )
+    }
+
     fn kv_key(&self) -> String {
         format!(
             "{:016x}.{}.{:016x}",

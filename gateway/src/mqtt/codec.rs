@@ -144,6 +144,15 @@ impl Decoder for Codec {
                 extras: None,
             }));
         }
+        if src.starts_with(&[0xE0, 0x00]) {
+            // A plain DISCONNECT (reason 0, no properties) as most clients
+            // send it: rumqttc's reader wants a payload for it.
+            let _ = src.split_to(2);
+            return Ok(Some(Inbound {
+                packet: v4::Packet::Disconnect,
+                extras: None,
+            }));
+        }
         match v5::Packet::read(src, self.limit()) {
             Ok(packet) => from_v5(packet).map(Some).map_err(|Refused(error, reason)| {
                 *self
@@ -608,6 +617,22 @@ mod tests {
             [("room".to_owned(), "hall".to_owned())]
         );
         assert!(codec.decode(&mut v5_bytes(publish(Some(1)))).is_err());
+    }
+
+    #[test]
+    fn a_plain_mqtt5_disconnect_is_a_disconnect() {
+        let mut codec = Codec::new(1 << 16);
+        codec.shared.v5.store(true, Ordering::Relaxed);
+        codec.shared.decided.store(true, Ordering::Relaxed);
+        let mut src = BytesMut::from(&[0xE0u8, 0x00, 0xC0, 0x00][..]);
+        let first = codec.decode(&mut src).unwrap().unwrap();
+        assert_eq!(first.packet, v4::Packet::Disconnect);
+        let second = codec.decode(&mut src).unwrap().unwrap();
+        assert_eq!(
+            second.packet,
+            v4::Packet::PingReq,
+            "the stream stays in step"
+        );
     }
 
     #[test]

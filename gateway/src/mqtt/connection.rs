@@ -44,6 +44,8 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest client id accepted (MQTT allows 65535 bytes; real devices
 /// use a few dozen).
 const MAX_CLIENT_ID: usize = 256;
+/// Retained messages waiting to be sent past which a client is not read.
+const RETAINED_BACKLOG: usize = 10_000;
 /// The starting size of a connection's read and write buffers.
 const BUFFER: usize = 1024;
 /// How long a connection that took over waits for the previous one.
@@ -280,6 +282,26 @@ impl Connection {
             budget_total: config.max_inflight_bytes,
             awaiting_release: HashSet::new(),
         };
+        if let Some((held, released)) = session.persistent.as_ref().map(Persistent::held_packet_ids)
+        {
+            // A returning client may still hold packet ids from before: they
+            // are not given to other messages, and the PUBREL of a QoS 2
+            // message awaiting PUBCOMP is sent again (MQTT 4.4).
+            session.outgoing.reserved.extend(held);
+            for pkid in released {
+                session.outgoing.unacked.insert(
+                    pkid,
+                    Unacked {
+                        awaiting: Awaiting::Complete,
+                        sequence: None,
+                        confirm: None,
+                    },
+                );
+                // A broken socket shows in the serve loop that follows.
+                let _ = writer.feed(v4::Packet::PubRel(v4::PubRel::new(pkid))).await;
+            }
+            let _ = crate::deadline::within(WRITE_TIMEOUT, writer.flush()).await;
+        }
         let stop_pipeline = CancellationToken::new();
         let (jobs, mut done, mut pipeline) = match Pipeline::spawn(
             Arc::clone(&self.shared.ingest),
@@ -393,7 +415,14 @@ impl Connection {
             pipeline.abort();
         }
         if let Some(persistent) = session.persistent.take() {
-            persistent.suspend().await;
+            let released = session
+                .outgoing
+                .unacked
+                .iter()
+                .filter(|(_, sent)| sent.awaiting == Awaiting::Complete)
+                .map(|(pkid, _)| *pkid)
+                .collect();
+            persistent.suspend(released).await;
         }
         if matches!(closed, Closed::ProtocolError(_)) {
             // MQTT 5 clients are told why.
@@ -515,6 +544,14 @@ async fn handshake(
             .await;
         return None;
     }
+    if connect.client_id.contains(|c: char| c.is_control()) {
+        // It goes into NATS headers and subjects; no device needs one.
+        info!("refused: client id with control characters");
+        let _ = writer
+            .send(refuse(v4::ConnectReturnCode::BadClientId))
+            .await;
+        return None;
+    }
     if connect.client_id.len() > MAX_CLIENT_ID {
         // Every event carries the client id; MQTT lets a server refuse ids
         // it does not accept.
@@ -564,6 +601,9 @@ struct Channels<'a> {
 struct Outgoing {
     last_pkid: u16,
     unacked: HashMap<u16, Unacked>,
+    /// Packet ids a returning client may still hold for messages not sent
+    /// again yet: not given to others.
+    reserved: HashSet<u16>,
 }
 
 /// A message sent to the client, not yet acknowledged.
@@ -593,7 +633,10 @@ impl Outgoing {
     fn next_pkid(&mut self) -> u16 {
         loop {
             self.last_pkid = self.last_pkid.wrapping_add(1);
-            if self.last_pkid != 0 && !self.unacked.contains_key(&self.last_pkid) {
+            if self.last_pkid != 0
+                && !self.unacked.contains_key(&self.last_pkid)
+                && !self.reserved.contains(&self.last_pkid)
+            {
                 return self.last_pkid;
             }
         }
@@ -649,7 +692,11 @@ impl Session {
             .keep_alive
             .map_or_else(far_future, |ka| Instant::now() + ka);
         loop {
-            let reading = self.inflight < self.max_inflight;
+            // Also not while retained messages for new subscriptions pile
+            // up unsent: a client that subscribes again and again without
+            // acknowledging must not grow that backlog without end.
+            let reading =
+                self.inflight < self.max_inflight && self.retained.len() < RETAINED_BACKLOG;
             let mut sending = self.outgoing.unacked.len() < self.max_inflight;
             if sending && !self.retained.is_empty() {
                 let written = crate::deadline::within(WRITE_TIMEOUT, async {
@@ -934,10 +981,15 @@ impl Session {
                 }
                 // The retained messages of each new subscription follow the
                 // SUBACK, flagged as retained (3.3.1.3).
+                let mut greeted = HashSet::new();
                 for (filter, code) in subscribe.filters.iter().zip(&codes) {
                     let v4::SubscribeReasonCode::Success(granted) = *code else {
                         continue;
                     };
+                    if !greeted.insert(filter.path.as_str()) {
+                        // The same filter twice in one SUBSCRIBE.
+                        continue;
+                    }
                     for (topic, payload, qos) in self.router.retained().matching(&filter.path) {
                         self.retained.push_back(Delivery {
                             topic,
@@ -1178,7 +1230,10 @@ impl Session {
             QoS::AtMostOnce => 0,
             _ => match earlier_pkid {
                 // Sent again under its packet id, as MQTT asks.
-                Some(pkid) if pkid != 0 && !self.outgoing.unacked.contains_key(&pkid) => pkid,
+                Some(pkid) if pkid != 0 && !self.outgoing.unacked.contains_key(&pkid) => {
+                    self.outgoing.reserved.remove(&pkid);
+                    pkid
+                }
                 _ => self.outgoing.next_pkid(),
             },
         };

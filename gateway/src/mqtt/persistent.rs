@@ -27,6 +27,7 @@ pub(crate) struct Persistent {
     purged_below: u64,
     /// Told when the queue grows.
     wake: watch::Receiver<u64>,
+    attachment: u64,
     /// Whether the queue may hold more than was read.
     pub(crate) unread: bool,
 }
@@ -34,7 +35,7 @@ pub(crate) struct Persistent {
 impl Persistent {
     /// Resumes (or starts) `client_id`'s session.
     pub(crate) fn resume(sessions: Arc<Sessions>, client_id: Arc<str>, record: Record) -> Self {
-        let wake = sessions.attach(&client_id);
+        let (wake, attachment) = sessions.attach(&client_id);
         Self {
             sessions,
             client_id,
@@ -43,6 +44,7 @@ impl Persistent {
             unacked: BTreeMap::new(),
             purged_below: 1,
             wake,
+            attachment,
             // Whatever was queued while the client was away.
             unread: true,
         }
@@ -85,24 +87,42 @@ impl Persistent {
         }
     }
 
-    /// The next queued message, if any; `unread` turns false once the queue
-    /// is read to its end.
+    /// The next queued message to send, if any; `unread` turns false once
+    /// the queue is read to its end. Messages the client acknowledged
+    /// before it went away (but not yet purged) are passed over.
     pub(crate) async fn next(&mut self) -> Option<Queued> {
-        match self.sessions.next(&self.client_id, self.cursor).await {
-            Ok(Some(queued)) => {
-                self.cursor = queued.sequence + 1;
-                Some(queued)
-            }
-            Ok(None) => {
-                self.unread = false;
-                None
-            }
-            Err(error) => {
-                warn!(%error, "reading the session queue failed; trying again when woken");
-                self.unread = false;
-                None
+        loop {
+            match self.sessions.next(&self.client_id, self.cursor).await {
+                Ok(Some(queued)) => {
+                    self.cursor = queued.sequence + 1;
+                    let acknowledged = queued.sequence <= self.record.sent_through
+                        && !self.record.inflight.contains_key(&queued.sequence);
+                    if acknowledged {
+                        continue;
+                    }
+                    return Some(queued);
+                }
+                Ok(None) => {
+                    self.unread = false;
+                    return None;
+                }
+                Err(error) => {
+                    warn!(%error, "reading the session queue failed; trying again when woken");
+                    self.unread = false;
+                    return None;
+                }
             }
         }
+    }
+
+    /// Packet ids the client may still hold from before: not to be given
+    /// to other messages, and the QoS 2 ones awaiting PUBCOMP, whose PUBREL
+    /// is sent again.
+    pub(crate) fn held_packet_ids(&self) -> (Vec<u16>, Vec<u16>) {
+        (
+            self.record.inflight.values().copied().collect(),
+            self.record.released.iter().copied().collect(),
+        )
     }
 
     /// Whether a queued message was sent before, and under which packet id.
@@ -140,10 +160,11 @@ impl Persistent {
         }
     }
 
-    /// The client is gone: keeps what was in flight for its return and
-    /// purges what it acknowledged.
-    pub(crate) async fn suspend(mut self) {
-        self.sessions.detach(&self.client_id);
+    /// The client is gone: keeps what was in flight for its return (and the
+    /// packet ids of QoS 2 messages awaiting PUBCOMP) and purges what it
+    /// acknowledged.
+    pub(crate) async fn suspend(mut self, released: Vec<u16>) {
+        self.sessions.detach(&self.client_id, self.attachment);
         let floor = self.floor();
         if floor > self.purged_below {
             self.purge(floor).await;
@@ -156,6 +177,7 @@ impl Persistent {
             .inflight
             .retain(|sequence, _| *sequence >= self.cursor);
         record.inflight.append(&mut self.unacked);
+        record.released = released.into_iter().collect();
         if let Err(error) = self.sessions.save(&self.client_id, &record).await {
             warn!(%error, "could not keep what was in flight; it comes again without DUP");
         }
