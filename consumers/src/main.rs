@@ -1,5 +1,6 @@
-//! Not built yet: see the project's issues. The binary exists so that the
-//! workspace layout is in place; it refuses to pretend to work.
+//! The rules (security, lights, notify, view) are not built yet: see the
+//! project's issues. The library has the consumer runtime they will run on;
+//! the binary refuses to pretend to work until they exist.
 
 fn main() -> std::process::ExitCode {
     eprintln!(

@@ -28,6 +28,8 @@ pub mod jetstream;
 pub mod mqtt;
 mod server;
 mod sessions;
-pub mod subject;
+/// NATS subjects and how names become subject tokens (part of the contract,
+/// in `hearth-proto`).
+pub use hearth_proto::subject;
 
 pub use server::{Gateway, GatewayError};

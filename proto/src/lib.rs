@@ -6,6 +6,7 @@
 //! carries so that `nats stream view` is legible whichever encoding is used.
 
 mod encoding;
+pub mod subject;
 
 pub use encoding::{DecodeError, Encoding};
 

@@ -74,6 +74,18 @@ pub fn event_subject(home: &str, room: &str, kind: &str, device: &str) -> String
     )
 }
 
+/// `hearth.cmd.<home>.<room>.<kind>.<device>`, each part encoded with
+/// [`encode_token`]: where a command for a device is stored.
+pub fn command_subject(home: &str, room: &str, kind: &str, device: &str) -> String {
+    format!(
+        "hearth.cmd.{}.{}.{}.{}",
+        encode_token(home),
+        encode_token(room),
+        encode_token(kind),
+        encode_token(device)
+    )
+}
+
 /// `hearth.device.<home>.<room>.<device>`, each part encoded with
 /// [`encode_token`]: where the gateway records how to reach a device.
 pub fn device_subject(home: &str, room: &str, device: &str) -> String {

@@ -1,0 +1,14 @@
+//! hearth's house rules as durable JetStream consumers.
+//!
+//! [`runtime`] is what every rule shares: a durable pull consumer on
+//! `HEARTH_EVENTS`, named and described for `nats consumer ls`, events in
+//! order, explicit acks, retries with back-off, and a poison event set aside
+//! in `HEARTH_DLQ` (with the consumer's name and the error) rather than
+//! blocking the rest. [`commands`] issues `hearth.v1.Command`s idempotently:
+//! a redelivered event never sends a second command.
+//!
+//! The rules themselves (security, lights, notify, view) build on these;
+//! see the project's issues for what is built.
+
+pub mod commands;
+pub mod runtime;
