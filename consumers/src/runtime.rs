@@ -209,28 +209,21 @@ async fn handle<H, F>(
         return;
     };
     let (sequence, attempt) = (info.stream_sequence, info.delivered);
-    let encoding = message
+    let content_type = message
         .headers
         .as_ref()
         .and_then(|headers| headers.get(CONTENT_TYPE))
-        .map_or(Some(Encoding::Json), |value| {
-            Encoding::from_content_type(value.as_str())
-        });
-    let event = match encoding
-        .ok_or_else(|| "unknown Content-Type".to_owned())
-        .and_then(|encoding| {
-            encoding
-                .decode::<v1::Event>(&message.payload)
-                .map_err(|e| e.to_string())
-        }) {
-        Ok(event) => event,
-        Err(error) => {
-            let detail = format!("not a hearth.v1.Event: {error}");
-            dead_letter(js, spec, &message, "undecodable_event", &detail).await;
-            stats.dead_lettered += 1;
-            return;
-        }
-    };
+        .map(|value| value.as_str().to_owned());
+    let event =
+        match Encoding::decode_stored::<v1::Event>(content_type.as_deref(), &message.payload) {
+            Ok(event) => event,
+            Err(error) => {
+                let detail = format!("not a hearth.v1.Event: {error}");
+                dead_letter(js, spec, &message, "undecodable_event", &detail).await;
+                stats.dead_lettered += 1;
+                return;
+            }
+        };
     let span = info_span!(
         "event",
         consumer = %spec.name,

@@ -182,28 +182,22 @@ impl Commands {
         };
         let (sequence, delivered) = (info.stream_sequence, info.delivered);
         let published = SystemTime::from(info.published);
-        let encoding = message
+        let content_type = message
             .headers
             .as_ref()
             .and_then(|headers| headers.get(CONTENT_TYPE))
-            .map_or(Some(Encoding::Json), |value| {
-                Encoding::from_content_type(value.as_str())
-            });
-        let command = match encoding
-            .ok_or_else(|| "unknown Content-Type".to_owned())
-            .and_then(|encoding| {
-                encoding
-                    .decode::<v1::Command>(&message.payload)
-                    .map_err(|e| e.to_string())
-            }) {
-            Ok(command) => command,
-            Err(error) => {
-                let detail = format!("not a hearth.v1.Command: {error}");
-                self.give_up(&message, GiveUp::BadCommand, &detail, "")
-                    .await;
-                return;
-            }
-        };
+            .map(|value| value.as_str().to_owned());
+        let command =
+            match Encoding::decode_stored::<v1::Command>(content_type.as_deref(), &message.payload)
+            {
+                Ok(command) => command,
+                Err(error) => {
+                    let detail = format!("not a hearth.v1.Command: {error}");
+                    self.give_up(&message, GiveUp::BadCommand, &detail, "")
+                        .await;
+                    return;
+                }
+            };
         let span = info_span!(
             "command",
             command_id = %command.id,

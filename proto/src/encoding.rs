@@ -54,6 +54,20 @@ impl Encoding {
         }
     }
 
+    /// Decodes a stored message by its `Content-Type` header (JSON when
+    /// there is none, as for a message published by hand).
+    pub fn decode_stored<M: prost::Message + Default + DeserializeOwned>(
+        content_type: Option<&str>,
+        bytes: &[u8],
+    ) -> Result<M, String> {
+        let encoding = match content_type {
+            None => Self::Json,
+            Some(value) => Self::from_content_type(value)
+                .ok_or_else(|| format!("unknown Content-Type {value:?}"))?,
+        };
+        encoding.decode(bytes).map_err(|error| error.to_string())
+    }
+
     pub fn decode<M: prost::Message + Default + DeserializeOwned>(
         self,
         bytes: &[u8],

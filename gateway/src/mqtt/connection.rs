@@ -709,10 +709,8 @@ impl Session {
                     writer.flush().await
                 })
                 .await;
-                match written {
-                    Ok(Ok(())) => {}
-                    Ok(Err(error)) => return Closed::Io(error.to_string()),
-                    Err(_) => return Closed::Io("the device does not read".into()),
+                if let Some(closed) = write_failed(written) {
+                    return closed;
                 }
                 sending = self.retained.is_empty();
             }
@@ -744,10 +742,8 @@ impl Session {
                     Ok::<_, mqttbytes::Error>(())
                 })
                 .await;
-                match written {
-                    Ok(Ok(())) => {}
-                    Ok(Err(error)) => return Closed::Io(error.to_string()),
-                    Err(_) => return Closed::Io("the device does not read".into()),
+                if let Some(closed) = write_failed(written) {
+                    return closed;
                 }
             }
             let waiting_for_queue = self.persistent.as_ref().is_some_and(|p| !p.unread);
@@ -768,10 +764,8 @@ impl Session {
                         writer.flush().await
                     })
                     .await;
-                    match written {
-                        Ok(Ok(())) => {}
-                        Ok(Err(error)) => return Closed::Io(error.to_string()),
-                        Err(_) => return Closed::Io("the device does not read".into()),
+                    if let Some(closed) = write_failed(written) {
+                        return closed;
                     }
                     if !reading {
                         // Reading resumes now; the silence was ours, not the
@@ -795,10 +789,8 @@ impl Session {
                         writer.flush().await
                     })
                     .await;
-                    match written {
-                        Ok(Ok(())) => {}
-                        Ok(Err(error)) => return Closed::Io(error.to_string()),
-                        Err(_) => return Closed::Io("the device does not read".into()),
+                    if let Some(closed) = write_failed(written) {
+                        return closed;
                     }
                 }
                 () = woken(self.persistent.as_mut()), if waiting_for_queue => {
@@ -1307,6 +1299,17 @@ impl Session {
                 writer.feed(v4::Packet::PubRec(v4::PubRec::new(pkid))).await
             }
         }
+    }
+}
+
+/// Why a bounded write closes the connection, if it does.
+fn write_failed(
+    written: Result<Result<(), mqttbytes::Error>, tokio::time::error::Elapsed>,
+) -> Option<Closed> {
+    match written {
+        Ok(Ok(())) => None,
+        Ok(Err(error)) => Some(Closed::Io(error.to_string())),
+        Err(_) => Some(Closed::Io("the device does not read".into())),
     }
 }
 
