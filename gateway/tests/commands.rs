@@ -10,7 +10,7 @@ use async_nats::jetstream;
 use common::*;
 use hearth_proto::v1::{self, command};
 use hearth_proto::Encoding;
-use rumqttc::mqttbytes::v4::{self, Packet, SubscribeReasonCode};
+use rumqttc::mqttbytes::v4::{self, Packet};
 use rumqttc::mqttbytes::QoS;
 
 fn light_set(
@@ -65,28 +65,6 @@ async fn issue(js: &jetstream::Context, command: &v1::Command) -> u64 {
         .sequence
 }
 
-async fn subscribe(client: &mut RawClient, filter: &str) {
-    let mut subscribe = v4::Subscribe::new(filter, QoS::AtLeastOnce);
-    subscribe.pkid = 1;
-    client.send(Packet::Subscribe(subscribe)).await;
-    match client.next().await {
-        Some(Packet::SubAck(ack)) => {
-            assert_eq!(
-                ack.return_codes,
-                [SubscribeReasonCode::Success(QoS::AtLeastOnce)]
-            );
-        }
-        other => panic!("expected SUBACK, got {other:?}"),
-    }
-}
-
-async fn next_publish(client: &mut RawClient) -> v4::Publish {
-    match client.next().await {
-        Some(Packet::Publish(publish)) => publish,
-        other => panic!("expected PUBLISH, got {other:?}"),
-    }
-}
-
 /// Waits until the gateway's consumer has every command up to `sequence`
 /// acknowledged.
 async fn acknowledged_through(js: &jetstream::Context, sequence: u64) {
@@ -114,7 +92,7 @@ async fn a_command_reaches_a_native_device_and_is_acknowledged_once_it_has_it() 
     let gateway = gateway(&nats, |_| {}).await;
     let js = jetstream(&nats).await;
     let (mut lamp, _) = RawClient::connect(gateway.mqtt_addr(), "lamp", true, 30).await;
-    subscribe(&mut lamp, "hearth/home/hall/lamp/set").await;
+    subscribe_one(&mut lamp, "hearth/home/hall/lamp/set", QoS::AtLeastOnce).await;
 
     let command = light_set("home", "hall", "lamp", true, Some(40));
     let sequence = issue(&js, &command).await;
@@ -154,7 +132,7 @@ async fn a_zigbee2mqtt_device_gets_commands_in_its_own_shape_on_its_own_topic() 
     let gateway = gateway(&nats, |_| {}).await;
     let js = jetstream(&nats).await;
     let (mut z2m, _) = RawClient::connect(gateway.mqtt_addr(), "zigbee2mqtt", true, 30).await;
-    subscribe(&mut z2m, "zigbee2mqtt/+/set").await;
+    subscribe_one(&mut z2m, "zigbee2mqtt/+/set", QoS::AtLeastOnce).await;
     // The bridge reports the light: the gateway learns where it lives.
     z2m.publish(
         "zigbee2mqtt/Porch Light",
@@ -208,7 +186,7 @@ async fn a_device_that_connects_late_still_gets_the_newest_command_only() {
     tokio::time::sleep(Duration::from_millis(600)).await;
 
     let (mut lamp, _) = RawClient::connect(gateway.mqtt_addr(), "lamp", true, 30).await;
-    subscribe(&mut lamp, "hearth/home/hall/lamp/set").await;
+    subscribe_one(&mut lamp, "hearth/home/hall/lamp/set", QoS::AtLeastOnce).await;
     let publish = next_publish(&mut lamp).await;
     let payload: serde_json::Value = serde_json::from_slice(&publish.payload).unwrap();
     assert_eq!(
@@ -294,7 +272,7 @@ async fn a_command_for_an_away_device_with_a_persistent_session_waits_for_it() {
     let gateway = gateway(&nats, |_| {}).await;
     let js = jetstream(&nats).await;
     let (mut siren, _) = RawClient::connect(gateway.mqtt_addr(), "siren", false, 30).await;
-    subscribe(&mut siren, "hearth/home/hall/siren/set").await;
+    subscribe_one(&mut siren, "hearth/home/hall/siren/set", QoS::AtLeastOnce).await;
     drop(siren);
 
     let command = v1::Command {
@@ -336,7 +314,7 @@ async fn only_the_device_itself_confirms_a_command() {
     stored_at_least(&js, "HEARTH_DEVICES", 1).await;
     // An observer of everything acknowledges everything it gets.
     let (mut observer, _) = RawClient::connect(addr, "observer", true, 30).await;
-    subscribe(&mut observer, "#").await;
+    subscribe_one(&mut observer, "#", QoS::AtLeastOnce).await;
 
     let sequence = issue(&js, &light_set("home", "hall", "lamp", true, None)).await;
     let seen = next_publish(&mut observer).await;
@@ -356,7 +334,7 @@ async fn only_the_device_itself_confirms_a_command() {
     );
 
     let (mut lamp, _) = RawClient::connect(addr, "lamp-client", true, 30).await;
-    subscribe(&mut lamp, "hearth/home/hall/lamp/set").await;
+    subscribe_one(&mut lamp, "hearth/home/hall/lamp/set", QoS::AtLeastOnce).await;
     let publish = next_publish(&mut lamp).await;
     lamp.send(Packet::PubAck(v4::PubAck::new(publish.pkid)))
         .await;

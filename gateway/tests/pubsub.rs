@@ -12,36 +12,6 @@ use common::*;
 use rumqttc::mqttbytes::v4::{self, Packet, SubscribeReasonCode};
 use rumqttc::mqttbytes::QoS;
 
-/// Subscribes `client` to `filters` and returns the SUBACK's codes.
-async fn subscribe(
-    client: &mut RawClient,
-    pkid: u16,
-    filters: &[(&str, QoS)],
-) -> Vec<SubscribeReasonCode> {
-    let mut subscribe = v4::Subscribe::new_many(
-        filters
-            .iter()
-            .map(|(filter, qos)| v4::SubscribeFilter::new((*filter).to_owned(), *qos)),
-    );
-    subscribe.pkid = pkid;
-    client.send(Packet::Subscribe(subscribe)).await;
-    match client.next().await {
-        Some(Packet::SubAck(ack)) => {
-            assert_eq!(ack.pkid, pkid);
-            ack.return_codes
-        }
-        other => panic!("expected SUBACK, got {other:?}"),
-    }
-}
-
-/// The next PUBLISH sent to `client`.
-async fn next_publish(client: &mut RawClient) -> v4::Publish {
-    match client.next().await {
-        Some(Packet::Publish(publish)) => publish,
-        other => panic!("expected PUBLISH, got {other:?}"),
-    }
-}
-
 #[tokio::test]
 async fn suback_grants_each_valid_filter_and_refuses_invalid_ones() {
     let nats = TestNats::start().await;

@@ -9,27 +9,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
-use rumqttc::mqttbytes::v4::{self, Packet, SubscribeReasonCode};
+use rumqttc::mqttbytes::v4::{self, Packet};
 use rumqttc::mqttbytes::QoS;
-
-async fn subscribe(client: &mut RawClient, filter: &str, qos: QoS) {
-    let mut subscribe = v4::Subscribe::new(filter, qos);
-    subscribe.pkid = 1;
-    client.send(Packet::Subscribe(subscribe)).await;
-    match client.next().await {
-        Some(Packet::SubAck(ack)) => {
-            assert_eq!(ack.return_codes, [SubscribeReasonCode::Success(qos)])
-        }
-        other => panic!("expected SUBACK, got {other:?}"),
-    }
-}
-
-async fn next_publish(client: &mut RawClient) -> v4::Publish {
-    match client.next().await {
-        Some(Packet::Publish(publish)) => publish,
-        other => panic!("expected PUBLISH, got {other:?}"),
-    }
-}
 
 /// Publishes `payloads` on `topic` at QoS 1 from a fresh client, each
 /// acknowledged.
@@ -64,7 +45,7 @@ async fn messages_published_while_away_are_delivered_on_return_in_order() {
     let addr = gateway.mqtt_addr();
     let (mut app, ack) = RawClient::connect(addr, "away", false, 30).await;
     assert!(!ack.session_present, "a new session");
-    subscribe(&mut app, "sensors/#", QoS::AtLeastOnce).await;
+    subscribe_one(&mut app, "sensors/#", QoS::AtLeastOnce).await;
     app.send(Packet::Disconnect).await;
     assert!(app.closed_within(PROMPTLY).await);
 
@@ -91,7 +72,7 @@ async fn unacknowledged_messages_come_again_with_dup_and_their_packet_ids() {
     let gateway = gateway(&nats, |_| {}).await;
     let addr = gateway.mqtt_addr();
     let (mut app, _) = RawClient::connect(addr, "forgetful", false, 30).await;
-    subscribe(&mut app, "cmd/#", QoS::AtLeastOnce).await;
+    subscribe_one(&mut app, "cmd/#", QoS::AtLeastOnce).await;
     publish_all(addr, "cmd/x", &["a", "b", "c"]).await;
     let first: Vec<v4::Publish> = vec![
         next_publish(&mut app).await,
@@ -130,7 +111,7 @@ async fn a_session_and_its_queue_survive_a_gateway_restart() {
     let nats = TestNats::start().await;
     let first = gateway(&nats, |_| {}).await;
     let (mut app, _) = RawClient::connect(first.mqtt_addr(), "survivor", false, 30).await;
-    subscribe(&mut app, "alarm/+", QoS::ExactlyOnce).await;
+    subscribe_one(&mut app, "alarm/+", QoS::ExactlyOnce).await;
     drop(app);
     publish_all(first.mqtt_addr(), "alarm/siren", &["on"]).await;
     first.shutdown().await;
@@ -161,7 +142,7 @@ async fn a_clean_session_ends_the_kept_one() {
     let gateway = gateway(&nats, |_| {}).await;
     let addr = gateway.mqtt_addr();
     let (mut app, _) = RawClient::connect(addr, "fickle", false, 30).await;
-    subscribe(&mut app, "x/#", QoS::AtLeastOnce).await;
+    subscribe_one(&mut app, "x/#", QoS::AtLeastOnce).await;
     drop(app);
     publish_all(addr, "x/y", &["kept"]).await;
 
@@ -184,7 +165,7 @@ async fn a_full_session_queue_drops_its_oldest_messages() {
     let gateway = gateway(&nats, |config| config.mqtt.max_session_queue = 3).await;
     let addr = gateway.mqtt_addr();
     let (mut app, _) = RawClient::connect(addr, "slowpoke", false, 30).await;
-    subscribe(&mut app, "load", QoS::AtLeastOnce).await;
+    subscribe_one(&mut app, "load", QoS::AtLeastOnce).await;
     drop(app);
     publish_all(addr, "load", &["1", "2", "3", "4", "5"]).await;
     let (mut app, _) = RawClient::connect(addr, "slowpoke", false, 30).await;
@@ -199,7 +180,7 @@ async fn qos0_is_live_only_for_a_persistent_session() {
     let gateway = gateway(&nats, |_| {}).await;
     let addr = gateway.mqtt_addr();
     let (mut app, _) = RawClient::connect(addr, "mixed", false, 30).await;
-    subscribe(&mut app, "m/#", QoS::AtLeastOnce).await;
+    subscribe_one(&mut app, "m/#", QoS::AtLeastOnce).await;
     let (mut device, _) = RawClient::connect(addr, "dev", true, 30).await;
     device
         .publish("m/a", b"zero", QoS::AtMostOnce, 0, false)
@@ -410,7 +391,7 @@ async fn what_the_client_acknowledged_out_of_order_does_not_come_again() {
     let gateway = gateway(&nats, |_| {}).await;
     let addr = gateway.mqtt_addr();
     let (mut app, _) = RawClient::connect(addr, "picky", false, 30).await;
-    subscribe(&mut app, "o/#", QoS::AtLeastOnce).await;
+    subscribe_one(&mut app, "o/#", QoS::AtLeastOnce).await;
     publish_all(addr, "o/x", &["1", "2", "3"]).await;
     let got = [
         next_publish(&mut app).await,
@@ -444,7 +425,7 @@ async fn a_qos2_release_is_sent_again_on_return_and_its_packet_id_is_not_reused(
     let gateway = gateway(&nats, |_| {}).await;
     let addr = gateway.mqtt_addr();
     let (mut app, _) = RawClient::connect(addr, "two", false, 30).await;
-    subscribe(&mut app, "q2/#", QoS::ExactlyOnce).await;
+    subscribe_one(&mut app, "q2/#", QoS::ExactlyOnce).await;
     let (mut device, _) = RawClient::connect(addr, "dev2", true, 30).await;
     device
         .publish("q2/a", b"first", QoS::ExactlyOnce, 1, false)
@@ -484,7 +465,7 @@ async fn odd_topics_are_kept_exactly_and_odd_client_ids_refused() {
     assert_eq!(ack.code, v4::ConnectReturnCode::BadClientId);
 
     let (mut app, _) = RawClient::connect(addr, "odd", false, 30).await;
-    subscribe(&mut app, "odd/#", QoS::AtLeastOnce).await;
+    subscribe_one(&mut app, "odd/#", QoS::AtLeastOnce).await;
     drop(app);
     publish_all(addr, "odd/tab\there/100%/new\nline", &["x"]).await;
     let (mut app, _) = RawClient::connect(addr, "odd", false, 30).await;
@@ -500,7 +481,7 @@ async fn a_nats_application_reaches_a_connected_persistent_session_at_qos1() {
     let nats = TestNats::start().await;
     let gateway = gateway(&nats, |_| {}).await;
     let (mut app, _) = RawClient::connect(gateway.mqtt_addr(), "kept", false, 30).await;
-    subscribe(&mut app, "from/nats", QoS::AtLeastOnce).await;
+    subscribe_one(&mut app, "from/nats", QoS::AtLeastOnce).await;
     let client = async_nats::connect(nats.url()).await.unwrap();
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("Hearth-Mqtt-Qos", "1");

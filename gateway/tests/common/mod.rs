@@ -229,3 +229,39 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     stream.read_to_string(&mut response).await.unwrap();
     response
 }
+
+/// Subscribes `client` to `filters` and returns the SUBACK's codes.
+pub async fn subscribe(
+    client: &mut RawClient,
+    pkid: u16,
+    filters: &[(&str, QoS)],
+) -> Vec<v4::SubscribeReasonCode> {
+    let mut subscribe = v4::Subscribe::new_many(
+        filters
+            .iter()
+            .map(|(filter, qos)| v4::SubscribeFilter::new((*filter).to_owned(), *qos)),
+    );
+    subscribe.pkid = pkid;
+    client.send(Packet::Subscribe(subscribe)).await;
+    match client.next().await {
+        Some(Packet::SubAck(ack)) => {
+            assert_eq!(ack.pkid, pkid);
+            ack.return_codes
+        }
+        other => panic!("expected SUBACK, got {other:?}"),
+    }
+}
+
+/// Subscribes `client` to one filter, which must be granted at `qos`.
+pub async fn subscribe_one(client: &mut RawClient, filter: &str, qos: QoS) {
+    let codes = subscribe(client, 1, &[(filter, qos)]).await;
+    assert_eq!(codes, [v4::SubscribeReasonCode::Success(qos)], "{filter}");
+}
+
+/// The next PUBLISH sent to `client`.
+pub async fn next_publish(client: &mut RawClient) -> v4::Publish {
+    match client.next().await {
+        Some(Packet::Publish(publish)) => publish,
+        other => panic!("expected PUBLISH, got {other:?}"),
+    }
+}
