@@ -11,4 +11,6 @@
 //! see the project's issues for what is built.
 
 pub mod commands;
+pub mod homes;
+pub mod lights;
 pub mod runtime;

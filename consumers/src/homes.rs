@@ -1,0 +1,169 @@
+//! The homes file: what the rules know of each home, room by room.
+//!
+//! ```toml
+//! [homes.home.rooms.hall]
+//! lights = ["ceiling", "lamp"]
+//! lux_below = 30          # motion turns the lights on only when darker than this
+//! off_after = "3m"        # and they go off this long after the last motion
+//! ```
+//!
+//! Read and checked at start; an error names the file, the line and what is
+//! wrong.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Homes {
+    #[serde(default)]
+    pub homes: BTreeMap<String, Home>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Home {
+    #[serde(default)]
+    pub rooms: BTreeMap<String, Room>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Room {
+    /// The room's lights, by device name.
+    pub lights: Vec<String>,
+    /// Motion turns the lights on only below this illuminance (lux); a room
+    /// with no reading yet counts as dark.
+    pub lux_below: f64,
+    /// The lights go off this long after the last motion.
+    #[serde(with = "humantime_serde")]
+    pub off_after: Duration,
+}
+
+impl Default for Room {
+    fn default() -> Self {
+        Self {
+            lights: Vec::new(),
+            lux_below: 30.0,
+            off_after: Duration::from_secs(300),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HomesError {
+    #[error("cannot read the homes file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid homes file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("invalid homes file {path}: home {home:?}, room {room:?}: {problem}")]
+    Invalid {
+        path: PathBuf,
+        home: String,
+        room: String,
+        problem: String,
+    },
+}
+
+impl Homes {
+    pub fn load(path: &Path) -> Result<Self, HomesError> {
+        let text = std::fs::read_to_string(path).map_err(|source| HomesError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Self, HomesError> {
+        let homes: Self = toml::from_str(text).map_err(|source| HomesError::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })?;
+        for (home, rooms) in &homes.homes {
+            for (room, config) in &rooms.rooms {
+                let invalid = |problem: &str| HomesError::Invalid {
+                    path: path.to_owned(),
+                    home: home.clone(),
+                    room: room.clone(),
+                    problem: problem.to_owned(),
+                };
+                if config.off_after.is_zero() {
+                    return Err(invalid("off_after must be above 0"));
+                }
+                if config.lux_below.is_nan() || config.lux_below < 0.0 {
+                    return Err(invalid("lux_below must be 0 or more"));
+                }
+                if config.lights.iter().any(String::is_empty) {
+                    return Err(invalid("a light's name is empty"));
+                }
+            }
+        }
+        Ok(homes)
+    }
+
+    /// The configuration of a room, if it is in the file.
+    pub fn room(&self, home: &str, room: &str) -> Option<&Room> {
+        self.homes.get(home)?.rooms.get(room)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rooms_read_with_defaults_and_units() {
+        let homes = Homes::parse(
+            Path::new("homes.toml"),
+            r#"
+            [homes.home.rooms.hall]
+            lights = ["ceiling"]
+            off_after = "90s"
+            [homes.home.rooms."Living Room"]
+            lights = ["lamp", "spots"]
+            "#,
+        )
+        .unwrap();
+        let hall = homes.room("home", "hall").unwrap();
+        assert_eq!(hall.off_after, Duration::from_secs(90));
+        assert_eq!(hall.lux_below, 30.0);
+        assert_eq!(
+            homes.room("home", "Living Room").unwrap().lights,
+            ["lamp", "spots"]
+        );
+        assert!(homes.room("home", "attic").is_none());
+    }
+
+    #[test]
+    fn errors_name_the_line_or_the_room() {
+        let error = Homes::parse(
+            Path::new("homes.toml"),
+            "[homes.home.rooms.hall]\nlights = [\"a\"]\nofff_after = \"1m\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("line 3") && error.contains("offf_after"),
+            "{error}"
+        );
+        let error = Homes::parse(
+            Path::new("homes.toml"),
+            "[homes.home.rooms.hall]\nlights = [\"a\"]\noff_after = \"0s\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("\"hall\"") && error.contains("off_after"),
+            "{error}"
+        );
+    }
+}

@@ -1,0 +1,363 @@
+//! Motion lighting, room by room (`hearth-lights`).
+//!
+//! - Motion in a room of the homes file turns its lights on when the room
+//!   is dark: its last illuminance reading below `lux_below`, or none yet.
+//!   Lux only gates turning on: the room's own lights raise the reading, so
+//!   brightness never turns a light off.
+//! - Each motion event (detected or clear) sets the room's off time to
+//!   `off_after` from then; when it comes, the room's lights go off.
+//! - A command is sent only when it changes something: the rule follows
+//!   each light's reported state (`light` events).
+//! - The state of every room (last lux, lights, off time, the motion event
+//!   that set it) is kept in the KV bucket `hearth_lights`, so a restarted
+//!   rule resumes where it was, and an off time that came while it was down
+//!   fires at once on restart.
+//! - Commands are issued idempotently (see `commands`): the same event, or
+//!   the same off time, never commands twice.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_nats::jetstream::{self, kv, stream};
+use futures::StreamExt;
+use hearth_proto::v1::{self, command, event::Body};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::commands::{Commands, Target};
+use crate::homes::Homes;
+use crate::runtime::{HandlerError, Received, Spec};
+
+/// The rule's consumer name and its state bucket.
+pub const CONSUMER: &str = "hearth-lights";
+pub const BUCKET: &str = "hearth_lights";
+/// How often due off times are looked for.
+const TICK: Duration = Duration::from_millis(250);
+
+/// What the rule keeps of a room.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RoomState {
+    /// The last illuminance reported in the room.
+    pub lux: Option<f64>,
+    /// Each light's last known state.
+    pub lights: BTreeMap<String, bool>,
+    /// When the lights go off, in milliseconds since the epoch.
+    pub off_at: Option<u64>,
+    /// The motion event that set the off time: the cause of the off command.
+    pub cause: Option<Cause>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Cause {
+    pub event_id: String,
+    pub correlation_id: String,
+}
+
+/// The consumer of this rule.
+pub fn spec() -> Spec {
+    Spec::new(
+        CONSUMER,
+        "hearth lights: motion lighting per room (on when dark, off after the room's delay)",
+        "hearth.evt.>",
+    )
+}
+
+/// The rule: the homes file, the state bucket, and a way to command lights.
+#[derive(Debug, Clone)]
+pub struct Lights {
+    homes: Arc<Homes>,
+    state: kv::Store,
+    commands: Commands,
+    /// Event handling and the off timer change the same rooms; and the off
+    /// times known, by room key (read from the bucket once, at start).
+    timers: Arc<Mutex<BTreeMap<String, u64>>>,
+}
+
+impl Lights {
+    /// Opens (or creates) the state bucket.
+    pub async fn open(
+        js: &jetstream::Context,
+        homes: Homes,
+        commands: Commands,
+    ) -> Result<Self, async_nats::Error> {
+        // Created as a stream rather than with create_key_value, which asks
+        // for account limits in a shape nats-server 2.9 does not answer.
+        js.get_or_create_stream(stream::Config {
+            name: format!("KV_{BUCKET}"),
+            description: Some(
+                "hearth lights: each room's last lux, lights and off time (the lights rule's state)"
+                    .to_owned(),
+            ),
+            subjects: vec![format!("$KV.{BUCKET}.>")],
+            max_messages_per_subject: 1,
+            allow_rollup: true,
+            deny_delete: true,
+            allow_direct: true,
+            discard: stream::DiscardPolicy::New,
+            ..Default::default()
+        })
+        .await?;
+        let state = js.get_key_value(BUCKET).await?;
+        // The off times pending when the rule last stopped.
+        let mut timers = BTreeMap::new();
+        let mut keys = state.keys().await?;
+        while let Some(key) = keys.next().await {
+            let key = key?;
+            if let Some(entry) = state.get(&key).await? {
+                if let Ok(RoomState {
+                    off_at: Some(off_at),
+                    ..
+                }) = serde_json::from_slice::<RoomState>(&entry)
+                {
+                    timers.insert(key, off_at);
+                }
+            }
+        }
+        info!(pending_off_times = timers.len(), "lights state loaded");
+        Ok(Self {
+            homes: Arc::new(homes),
+            state,
+            commands,
+            timers: Arc::new(Mutex::new(timers)),
+        })
+    }
+
+    /// Handles one event.
+    pub async fn handle(&self, received: Received) -> Result<(), HandlerError> {
+        let event = &received.event;
+        let Some(body) = &event.body else {
+            return Ok(());
+        };
+        let Some(room) = self.homes.room(&event.home, &event.room) else {
+            return Ok(());
+        };
+        let mut timers = self.timers.lock().await;
+        let key = key(&event.home, &event.room);
+        let mut state = self.load(&key).await?;
+        let before = state.clone();
+        match body {
+            Body::Illuminance(reading) => state.lux = Some(reading.lux),
+            Body::Light(light) if room.lights.contains(&event.device) => {
+                state.lights.insert(event.device.clone(), light.on);
+            }
+            Body::Motion(motion) => {
+                let dark = state.lux.is_none_or(|lux| lux < room.lux_below);
+                if motion.detected && dark {
+                    for light in &room.lights {
+                        if state.lights.get(light) == Some(&true) {
+                            continue;
+                        }
+                        self.command(
+                            event,
+                            &event.home,
+                            &event.room,
+                            light,
+                            true,
+                            &format!("on-{light}"),
+                        )
+                        .await?;
+                        state.lights.insert(light.clone(), true);
+                    }
+                }
+                // Any motion, detected or clear, starts the room's delay
+                // again.
+                state.off_at = Some(now_ms() + millis(room.off_after));
+                state.cause = Some(Cause {
+                    event_id: event.id.clone(),
+                    correlation_id: event.correlation_id.clone(),
+                });
+            }
+            _ => return Ok(()),
+        }
+        if state != before {
+            self.save(&key, &state).await?;
+            match state.off_at {
+                Some(off_at) => timers.insert(key, off_at),
+                None => timers.remove(&key),
+            };
+        }
+        Ok(())
+    }
+
+    /// Turns off the lights of every room whose off time came, until
+    /// `shutdown`; at start, first those that came while the rule was down.
+    pub async fn run_timers(self, shutdown: CancellationToken) {
+        loop {
+            if let Err(error) = self.fire_due().await {
+                warn!(%error, "checking the lights' off times failed; trying again");
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(TICK) => {}
+            }
+        }
+    }
+
+    async fn fire_due(&self) -> Result<(), HandlerError> {
+        let mut timers = self.timers.lock().await;
+        let now = now_ms();
+        let due: Vec<String> = timers
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in due {
+            let mut state = self.load(&key).await?;
+            let (Some(off_at), Some((home, room))) = (state.off_at, split_key(&key)) else {
+                timers.remove(&key);
+                continue;
+            };
+            if off_at > now {
+                timers.insert(key, off_at);
+                continue;
+            }
+            let cause = state.cause.clone().unwrap_or_default();
+            let event = v1::Event {
+                id: cause.event_id,
+                correlation_id: cause.correlation_id,
+                ..Default::default()
+            };
+            let on: Vec<String> = state
+                .lights
+                .iter()
+                .filter(|(_, on)| **on)
+                .map(|(light, _)| light.clone())
+                .collect();
+            for light in on {
+                // Per off time: the same timer never commands twice.
+                let action = format!("off-{light}-{off_at}");
+                self.command(&event, &home, &room, &light, false, &action)
+                    .await?;
+                state.lights.insert(light, false);
+            }
+            state.off_at = None;
+            self.save(&key, &state).await?;
+            timers.remove(&key);
+            info!(home, room, "no motion for the room's delay: lights off");
+        }
+        Ok(())
+    }
+
+    async fn command(
+        &self,
+        cause: &v1::Event,
+        home: &str,
+        room: &str,
+        light: &str,
+        on: bool,
+        action: &str,
+    ) -> Result<(), HandlerError> {
+        let body = command::Body::LightSet(v1::LightSet {
+            on,
+            brightness_pct: None,
+        });
+        let target = Target {
+            home,
+            room,
+            device: light,
+        };
+        let issued = self
+            .commands
+            .issue(cause, target, action, body)
+            .await
+            .map_err(|e| HandlerError::Retry(e.to_string()))?;
+        debug!(home, room, light, on, ?issued, "light command");
+        Ok(())
+    }
+
+    async fn load(&self, key: &str) -> Result<RoomState, HandlerError> {
+        let entry = self
+            .state
+            .get(key)
+            .await
+            .map_err(|e| HandlerError::Retry(e.to_string()))?;
+        Ok(entry
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default())
+    }
+
+    async fn save(&self, key: &str, state: &RoomState) -> Result<(), HandlerError> {
+        let bytes = serde_json::to_vec(state).map_err(|e| HandlerError::Poison(e.to_string()))?;
+        self.state
+            .put(key, bytes.into())
+            .await
+            .map_err(|e| HandlerError::Retry(e.to_string()))?;
+        Ok(())
+    }
+}
+
+/// The KV key of a room: `<home>.<room>`, each name with the characters KV
+/// keys cannot hold written `=XX` (hex of each UTF-8 byte).
+pub fn key(home: &str, room: &str) -> String {
+    format!("{}.{}", escape(home), escape(room))
+}
+
+fn escape(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for byte in name.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_') {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("={byte:02X}"));
+        }
+    }
+    out
+}
+
+fn unescape(token: &str) -> Option<String> {
+    let bytes = token.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'=' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+fn split_key(key: &str) -> Option<(String, String)> {
+    let (home, room) = key.split_once('.')?;
+    Some((unescape(home)?, unescape(room)?))
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn room_keys_are_valid_kv_keys_and_read_back() {
+        for (home, room) in [
+            ("home", "hall"),
+            ("home", "Living Room"),
+            ("Flat 2.1", "Küche"),
+        ] {
+            let key = key(home, room);
+            assert!(
+                key.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_=.".contains(c)),
+                "{key}"
+            );
+            assert_eq!(key.matches('.').count(), 1, "{key}");
+            assert_eq!(split_key(&key), Some((home.to_owned(), room.to_owned())));
+        }
+    }
+}

@@ -1,0 +1,240 @@
+//! The lights rule with a real nats-server: motion in a dark room turns
+//! the lights on and, after the room's delay, off; a bright room stays as it
+//! is; lights already on are not commanded again; an off time that came
+//! while the rule was down fires when it is back.
+
+use std::path::Path;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use hearth_consumers::commands::Commands;
+use hearth_consumers::homes::Homes;
+use hearth_consumers::lights::{self, Lights};
+use hearth_consumers::runtime;
+use hearth_proto::v1::{self, event::Body};
+use hearth_proto::Encoding;
+use hearth_test_support::TestNats;
+use tokio_util::sync::CancellationToken;
+
+const PROMPTLY: Duration = Duration::from_secs(10);
+
+async fn setup() -> (TestNats, jetstream::Context) {
+    let nats = TestNats::start().await;
+    let js = jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let config = hearth_gateway::config::Config::default();
+    hearth_gateway::jetstream::streams::ensure(&js, &config.storage, &config.mqtt)
+        .await
+        .expect("streams");
+    (nats, js)
+}
+
+fn homes(off_after: &str) -> Homes {
+    Homes::parse(
+        Path::new("homes.toml"),
+        &format!(
+            "[homes.home.rooms.hall]\nlights = [\"ceiling\", \"lamp\"]\nlux_below = 30\noff_after = \"{off_after}\"\n"
+        ),
+    )
+    .unwrap()
+}
+
+/// Starts the rule (consumer and off timer); returns what stops it.
+async fn start(
+    js: &jetstream::Context,
+    homes: Homes,
+) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    let lights = Lights::open(js, homes, Commands::new(js.clone(), Encoding::Json))
+        .await
+        .expect("open the lights state");
+    let shutdown = CancellationToken::new();
+    let timers = tokio::spawn(lights.clone().run_timers(shutdown.clone()));
+    let js_for_run = js.clone();
+    let stop = shutdown.clone();
+    let task = tokio::spawn(async move {
+        runtime::run(
+            &js_for_run,
+            &lights::spec(),
+            move |received| {
+                let lights = lights.clone();
+                async move { lights.handle(received).await }
+            },
+            stop,
+        )
+        .await
+        .expect("the rule runs");
+        let _ = timers.await;
+    });
+    // The consumer exists before the events come (a rule reads new events).
+    let deadline = tokio::time::Instant::now() + PROMPTLY;
+    while js
+        .get_consumer_from_stream::<jetstream::consumer::pull::Config, _, _>(
+            lights::CONSUMER,
+            "HEARTH_EVENTS",
+        )
+        .await
+        .is_err()
+    {
+        assert!(tokio::time::Instant::now() < deadline, "no consumer");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (shutdown, task)
+}
+
+async fn event(js: &jetstream::Context, id: &str, device: &str, body: Body) {
+    let kind = body.kind();
+    let event = v1::Event {
+        id: id.into(),
+        correlation_id: format!("corr-{id}"),
+        home: "home".into(),
+        room: "hall".into(),
+        device: device.into(),
+        body: Some(body),
+        ..Default::default()
+    };
+    let subject = hearth_proto::subject::event_subject("home", "hall", kind, device);
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Content-Type", Encoding::Json.content_type());
+    js.publish_with_headers(subject, headers, Encoding::Json.encode(&event))
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
+fn motion(detected: bool) -> Body {
+    Body::Motion(v1::Motion { detected })
+}
+
+/// Every light command stored so far: (device, on, causation id).
+async fn commands(js: &jetstream::Context) -> Vec<(String, bool, String)> {
+    let mut stream = js.get_stream("HEARTH_COMMANDS").await.unwrap();
+    let state = stream.info().await.unwrap().state.clone();
+    let mut out = Vec::new();
+    if state.messages == 0 {
+        return out;
+    }
+    for sequence in state.first_sequence..=state.last_sequence {
+        let message = stream.get_raw_message(sequence).await.unwrap();
+        let command: v1::Command = Encoding::Json.decode(&message.payload).unwrap();
+        if let Some(v1::command::Body::LightSet(set)) = command.body {
+            out.push((command.device, set.on, command.causation_id));
+        }
+    }
+    out
+}
+
+async fn wait_for_commands(js: &jetstream::Context, count: usize) -> Vec<(String, bool, String)> {
+    let deadline = tokio::time::Instant::now() + PROMPTLY;
+    loop {
+        let found = commands(js).await;
+        if found.len() >= count {
+            return found;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{count} commands expected, got {found:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn motion_in_a_dark_room_turns_the_lights_on_then_off_after_the_delay() {
+    let (_nats, js) = setup().await;
+    let (stop, task) = start(&js, homes("1s")).await;
+    event(&js, "m1", "pir", motion(true)).await;
+    let on = wait_for_commands(&js, 2).await;
+    assert_eq!(
+        on,
+        [
+            ("ceiling".to_owned(), true, "m1".to_owned()),
+            ("lamp".to_owned(), true, "m1".to_owned())
+        ]
+    );
+    // Motion again restarts the delay, and commands nothing new.
+    event(&js, "m2", "pir", motion(false)).await;
+    let all = wait_for_commands(&js, 4).await;
+    assert_eq!(
+        all[2..],
+        [
+            ("ceiling".to_owned(), false, "m2".to_owned()),
+            ("lamp".to_owned(), false, "m2".to_owned())
+        ],
+        "off after the delay, caused by the last motion"
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(commands(&js).await.len(), 4, "nothing more");
+    stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_bright_room_stays_as_it_is_and_lights_already_on_are_left_alone() {
+    let (_nats, js) = setup().await;
+    let (stop, task) = start(&js, homes("1h")).await;
+    event(
+        &js,
+        "lux1",
+        "sensor",
+        Body::Illuminance(v1::Illuminance { lux: 500.0 }),
+    )
+    .await;
+    event(&js, "m1", "pir", motion(true)).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(commands(&js).await.is_empty(), "bright: nothing to do");
+
+    event(
+        &js,
+        "lux2",
+        "sensor",
+        Body::Illuminance(v1::Illuminance { lux: 5.0 }),
+    )
+    .await;
+    event(
+        &js,
+        "l1",
+        "ceiling",
+        Body::Light(v1::LightState {
+            on: true,
+            brightness_pct: None,
+        }),
+    )
+    .await;
+    event(&js, "m2", "pir", motion(true)).await;
+    let found = wait_for_commands(&js, 1).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        found,
+        [("lamp".to_owned(), true, "m2".to_owned())],
+        "the ceiling was on already"
+    );
+    assert_eq!(commands(&js).await.len(), 1);
+    stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test]
+async fn an_off_time_that_came_while_the_rule_was_down_fires_when_it_is_back() {
+    let (_nats, js) = setup().await;
+    let (stop, task) = start(&js, homes("2s")).await;
+    event(&js, "m1", "pir", motion(true)).await;
+    wait_for_commands(&js, 2).await;
+    // Down before the delay runs out...
+    stop.cancel();
+    task.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        commands(&js).await.len(),
+        2,
+        "nobody turned them off meanwhile"
+    );
+    // ...and back after it: the lights go off at once.
+    let (stop, task) = start(&js, homes("2s")).await;
+    let all = wait_for_commands(&js, 4).await;
+    assert!(
+        all[2..].iter().all(|(_, on, cause)| !on && cause == "m1"),
+        "{all:?}"
+    );
+    stop.cancel();
+    task.await.unwrap();
+}
