@@ -238,3 +238,84 @@ async fn an_off_time_that_came_while_the_rule_was_down_fires_when_it_is_back() {
     stop.cancel();
     task.await.unwrap();
 }
+
+/// Device to gateway to rule to gateway to device: a real `mosquitto_pub`
+/// motion sensor and a real `mosquitto_sub` light.
+#[tokio::test]
+async fn end_to_end_a_motion_sensor_over_mqtt_switches_a_light_over_mqtt() {
+    assert!(
+        hearth_test_support::mosquitto_pub_available(),
+        "mosquitto_pub is missing: scripts/setup.sh installs mosquitto-clients"
+    );
+    let nats = TestNats::start().await;
+    let mut config = hearth_gateway::config::Config::default();
+    config.auth.allow_anonymous = true;
+    config.nats.url = Some(nats.url());
+    config.mqtt.listen = "127.0.0.1:0".parse().unwrap();
+    config.http.listen = "127.0.0.1:0".parse().unwrap();
+    let gateway = hearth_gateway::Gateway::start(config)
+        .await
+        .expect("gateway");
+    let js = jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let (stop, task) = start(&js, homes("1h")).await;
+
+    let port = gateway.mqtt_addr().port().to_string();
+    let light = tokio::process::Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &port, "-i", "ceiling", "-q", "1"])
+        .args(["-t", "hearth/home/hall/+/set", "-v", "-C", "2", "-W", "20"])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run mosquitto_sub");
+    // Subscribed once the gateway counts the subscription.
+    let deadline = tokio::time::Instant::now() + PROMPTLY;
+    while !health(gateway.http_addr())
+        .await
+        .contains("\"mqtt_subscriptions\":1")
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "mosquitto_sub did not subscribe"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = tokio::process::Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port, "-q", "1"])
+        .args([
+            "-t",
+            "hearth/home/hall/pir/motion",
+            "-m",
+            r#"{"detected":true}"#,
+        ])
+        .status()
+        .await
+        .expect("run mosquitto_pub");
+    assert!(status.success());
+    let output = tokio::time::timeout(Duration::from_secs(30), light.wait_with_output())
+        .await
+        .expect("both lights commanded")
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    for device in ["ceiling", "lamp"] {
+        let line = text
+            .lines()
+            .find(|line| line.starts_with(&format!("hearth/home/hall/{device}/set ")))
+            .unwrap_or_else(|| panic!("no command for {device}: {text}"));
+        assert!(line.contains(r#""on":true"#), "{line}");
+    }
+    stop.cancel();
+    task.await.unwrap();
+    gateway.shutdown().await;
+}
+
+async fn health(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    response
+}
