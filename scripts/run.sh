@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Runs hearth live on this machine: the gateway with its own nats-server
 # (JetStream data in .data/ of this checkout), MQTT on port 1883, /healthz on
-# 127.0.0.1:9880. Installs what is missing first (scripts/setup.sh) and
-# builds in release mode. Stop it with Ctrl-C: the gateway stores what it
-# was handed, then stops its nats-server.
+# 127.0.0.1:9880, and the house rules built so far (hearth-consumers lights,
+# with deploy/homes.toml or $HEARTH_HOMES). Installs what is missing first
+# (scripts/setup.sh) and builds in release mode. Stop it with Ctrl-C: the
+# rules finish the event in hand, the gateway stores what it was handed,
+# then stops its nats-server.
 #
 # Usage: scripts/run.sh [GATEWAY OPTIONS...]   (see: scripts/run.sh --help)
 #   e.g. scripts/run.sh --mqtt-listen 127.0.0.1:1884 --encoding protobuf
@@ -25,7 +27,7 @@ if [ -z "${HEARTH_NATS_SERVER:-}" ] && ! command -v nats-server >/dev/null 2>&1;
     done
 fi
 
-cargo build --release -p hearth-gateway
+cargo build --release -p hearth-gateway -p hearth-consumers
 export HEARTH_DATA_DIR="${HEARTH_DATA_DIR:-$repo/.data}"
 
 # Debian's nats-server package runs its own server on 4222; hearth's then
@@ -43,6 +45,7 @@ fi
 
 cat <<'HINT'
 hearth is starting. Try, in another terminal:
+  mosquitto_sub -t 'hearth/home/+/+/set' -v &    # the lights' commands
   mosquitto_pub -t hearth/home/kitchen/pir-1/motion -q 1 -m '{"detected":true}'
   mosquitto_pub -t 'zigbee2mqtt/Living Room/Lamp' -q 1 -m '{"state":"ON","brightness":128}'
   curl -s 127.0.0.1:9880/healthz
@@ -54,4 +57,27 @@ if [ -z "${HEARTH_PASSWORD_FILE:-}" ] && [[ " $* " != *" --password-file"* ]]; t
     echo "run.sh: anonymous MQTT clients are allowed; for passwords see README, Authentication"
     export HEARTH_ALLOW_ANONYMOUS=true
 fi
-exec target/release/hearth-gateway "$@"
+nats_url="${HEARTH_NATS_URL:-nats://127.0.0.1:$nats_port}"
+export HEARTH_HOMES="${HEARTH_HOMES:-$repo/deploy/homes.toml}"
+
+target/release/hearth-gateway "$@" &
+gateway=$!
+rules=""
+stop() {
+    [ -n "$rules" ] && kill -TERM "$rules" 2>/dev/null && wait "$rules" 2>/dev/null
+    kill -TERM "$gateway" 2>/dev/null
+    wait "$gateway" 2>/dev/null
+}
+trap stop INT TERM
+# The rules start once the gateway's NATS answers (they wait for its streams
+# themselves).
+host_port=${nats_url#nats://}
+for _ in $(seq 1 100); do
+    (exec 3<>"/dev/tcp/${host_port%%:*}/${host_port##*:}") 2>/dev/null && break
+    kill -0 "$gateway" 2>/dev/null || exit 1
+    sleep 0.2
+done
+echo "run.sh: house rules: lights (homes file $HEARTH_HOMES)"
+target/release/hearth-consumers --nats-url "$nats_url" lights &
+rules=$!
+wait "$gateway"

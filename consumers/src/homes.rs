@@ -144,6 +144,13 @@ mod tests {
     }
 
     #[test]
+    fn the_example_in_deploy_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/homes.toml");
+        let homes = Homes::load(&path).unwrap();
+        assert_eq!(homes.room("home", "hall").unwrap().lights, ["ceiling"]);
+    }
+
+    #[test]
     fn errors_name_the_line_or_the_room() {
         let error = Homes::parse(
             Path::new("homes.toml"),

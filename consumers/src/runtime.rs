@@ -120,10 +120,23 @@ where
     H: FnMut(Received) -> F,
     F: Future<Output = Result<(), HandlerError>>,
 {
-    let stream = js
-        .get_stream(EVENTS_STREAM)
-        .await
-        .map_err(|e| RuntimeError::Stream(e.to_string()))?;
+    // The gateway creates the stream; a rule started first waits for it.
+    let mut waited = 0u32;
+    let stream = loop {
+        match js.get_stream(EVENTS_STREAM).await {
+            Ok(stream) => break stream,
+            Err(error) => {
+                if waited % 10 == 0 {
+                    warn!(consumer = %spec.name, %error, "waiting for {EVENTS_STREAM} (is the gateway running?)");
+                }
+                waited += 1;
+                tokio::select! {
+                    () = shutdown.cancelled() => return Err(RuntimeError::Stream(error.to_string())),
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    };
     let consumer: consumer::PullConsumer = stream
         .get_or_create_consumer(
             &spec.name,
