@@ -41,6 +41,10 @@ pub struct Room {
     /// The lights go off this long after the last motion.
     #[serde(with = "humantime_serde")]
     pub off_after: Duration,
+    /// A light switched by hand (reported in a state the rule did not ask
+    /// for) suspends the rule in its room for this long.
+    #[serde(with = "humantime_serde")]
+    pub override_for: Duration,
 }
 
 impl Default for Room {
@@ -49,6 +53,7 @@ impl Default for Room {
             lights: Vec::new(),
             lux_below: 30.0,
             off_after: Duration::from_secs(300),
+            override_for: Duration::from_secs(1800),
         }
     }
 }

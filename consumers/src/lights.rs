@@ -8,6 +8,9 @@
 //!   `off_after` from then; when it comes, the room's lights go off.
 //! - A command is sent only when it changes something: the rule follows
 //!   each light's reported state (`light` events).
+//! - A light reported in a state the rule did not ask for was switched by
+//!   hand: the rule leaves that room alone for `override_for` (no on, no
+//!   off), then takes over again at the next motion.
 //! - The state of every room (last lux, lights, off time, the motion event
 //!   that set it) is kept in the KV bucket `hearth_lights`, so a restarted
 //!   rule resumes where it was, and an off time that came while it was down
@@ -48,6 +51,13 @@ pub struct RoomState {
     pub off_at: Option<u64>,
     /// The motion event that set the off time: the cause of the off command.
     pub cause: Option<Cause>,
+    /// What the rule last asked of each light.
+    #[serde(default)]
+    pub commanded: BTreeMap<String, bool>,
+    /// Until when (ms since the epoch) the rule leaves the room alone, after
+    /// someone switched a light by hand.
+    #[serde(default)]
+    pub manual_until: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -142,8 +152,19 @@ impl Lights {
             Body::Illuminance(reading) => state.lux = Some(reading.lux),
             Body::Light(light) if room.lights.contains(&event.device) => {
                 state.lights.insert(event.device.clone(), light.on);
+                // A state the rule did not ask for: switched by hand.
+                if state.commanded.get(&event.device).copied().unwrap_or(false) != light.on {
+                    info!(light = %event.device, on = light.on, "switched by hand: the room is left alone for a while");
+                    state.manual_until = Some(now_ms() + millis(room.override_for));
+                    state.off_at = None;
+                }
+            }
+            Body::Motion(_) if state.manual_until.is_some_and(|until| until > now_ms()) => {
+                debug!("the room is under manual control; motion ignored");
+                return Ok(());
             }
             Body::Motion(motion) => {
+                state.manual_until = None;
                 let dark = state.lux.is_none_or(|lux| lux < room.lux_below);
                 if motion.detected && dark {
                     for light in &room.lights {
@@ -160,6 +181,7 @@ impl Lights {
                         )
                         .await?;
                         state.lights.insert(light.clone(), true);
+                        state.commanded.insert(light.clone(), true);
                     }
                 }
                 // Any motion, detected or clear, starts the room's delay
@@ -231,7 +253,8 @@ impl Lights {
                 let action = format!("off-{light}-{off_at}");
                 self.command(&event, &home, &room, &light, false, &action)
                     .await?;
-                state.lights.insert(light, false);
+                state.lights.insert(light.clone(), false);
+                state.commanded.insert(light, false);
             }
             state.off_at = None;
             self.save(&key, &state).await?;

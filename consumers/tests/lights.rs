@@ -101,6 +101,13 @@ async fn event(js: &jetstream::Context, id: &str, device: &str, body: Body) {
         .unwrap();
 }
 
+fn light_state(on: bool) -> Body {
+    Body::Light(v1::LightState {
+        on,
+        brightness_pct: None,
+    })
+}
+
 fn motion(detected: bool) -> Body {
     Body::Motion(v1::Motion { detected })
 }
@@ -190,25 +197,55 @@ async fn a_bright_room_stays_as_it_is_and_lights_already_on_are_left_alone() {
         Body::Illuminance(v1::Illuminance { lux: 5.0 }),
     )
     .await;
+    event(&js, "m2", "pir", motion(true)).await;
+    wait_for_commands(&js, 2).await;
+    // The lights confirm; the room gets bright from them; motion again.
+    for light in ["ceiling", "lamp"] {
+        event(&js, &format!("{light}-on"), light, light_state(true)).await;
+    }
     event(
         &js,
-        "l1",
-        "ceiling",
-        Body::Light(v1::LightState {
-            on: true,
-            brightness_pct: None,
-        }),
+        "lux3",
+        "sensor",
+        Body::Illuminance(v1::Illuminance { lux: 400.0 }),
     )
     .await;
+    event(&js, "m3", "pir", motion(true)).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(
+        commands(&js).await.len(),
+        2,
+        "on already: not commanded again, and brightness turns nothing off"
+    );
+    stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_light_switched_by_hand_leaves_the_room_alone_for_a_while() {
+    let (_nats, js) = setup().await;
+    let homes = Homes::parse(
+        Path::new("homes.toml"),
+        "[homes.home.rooms.hall]\nlights = [\"ceiling\"]\noff_after = \"1h\"\noverride_for = \"1500ms\"\n",
+    )
+    .unwrap();
+    let (stop, task) = start(&js, homes).await;
+    event(&js, "m1", "pir", motion(true)).await;
+    wait_for_commands(&js, 1).await;
+    // Someone switches it off by hand: not what the rule asked for.
+    event(&js, "by-hand", "ceiling", light_state(false)).await;
     event(&js, "m2", "pir", motion(true)).await;
-    let found = wait_for_commands(&js, 1).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
-        found,
-        [("lamp".to_owned(), true, "m2".to_owned())],
-        "the ceiling was on already"
+        commands(&js).await.len(),
+        1,
+        "left alone after a manual switch"
     );
-    assert_eq!(commands(&js).await.len(), 1);
+    // Once the override has run out, motion works again.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    event(&js, "m3", "pir", motion(true)).await;
+    let all = wait_for_commands(&js, 2).await;
+    assert_eq!(all[1], ("ceiling".to_owned(), true, "m3".to_owned()));
     stop.cancel();
     task.await.unwrap();
 }
