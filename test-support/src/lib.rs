@@ -55,6 +55,7 @@ impl TestNats {
         let mut config = NatsServerConfig::new(dir.path());
         config.server_name = "hearth-test".to_owned();
         adjust(&mut config);
+        config.binary = from_workspace(&config.binary);
         config.store_dir = dir.path().to_owned();
         let server = match NatsServer::start(config).await {
             Ok(server) => server,
@@ -135,6 +136,20 @@ pub fn mosquitto_pub_available() -> bool {
         .stderr(Stdio::null())
         .status()
         .is_ok()
+}
+
+/// A relative path with a directory in it (`.tools/venv/bin/nats-server`,
+/// as the README writes it) taken from the workspace root: cargo runs tests
+/// and benches from their package's directory, not from where the command
+/// was typed. A bare name (`nats-server`, looked up on `PATH`) and absolute
+/// paths stay as they are.
+fn from_workspace(path: &std::path::Path) -> std::path::PathBuf {
+    if path.is_absolute() || path.components().count() < 2 || path.exists() {
+        return path.to_owned();
+    }
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(path)
 }
 
 /// The Python of `.tools/venv`, which `scripts/setup.sh` gives the paho-mqtt
