@@ -294,7 +294,7 @@ async fn dead_letter(
     warn!(consumer = %spec.name, reason, detail, subject = %message.subject, "event dead-lettered");
     let mut headers = HeaderMap::new();
     headers.insert(REASON, reason);
-    headers.insert(DETAIL, one_line(detail).as_str());
+    headers.insert(DETAIL, &*headers::safe_value(detail));
     headers.insert(CONSUMER, spec.name.as_str());
     headers.insert(SUBJECT, message.subject.as_str());
     for name in [CONTENT_TYPE, CORRELATION_ID] {
@@ -319,22 +319,6 @@ async fn dead_letter(
         // Not set aside: not dropped either; it comes again.
         Err(error) => warn!(%error, "could not dead-letter the event; it comes again"),
     }
-}
-
-/// A header value: one line, at most 1 KiB.
-fn one_line(text: &str) -> String {
-    let mut line: String = text
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
-    if line.len() > 1024 {
-        let mut end = 1024;
-        while !line.is_char_boundary(end) {
-            end -= 1;
-        }
-        line.truncate(end);
-    }
-    line
 }
 
 /// A consumer name as one subject token.

@@ -409,9 +409,9 @@ impl Commands {
         warn!(reason = reason.as_str(), detail, subject = %message.subject, "command given up");
         let mut headers = HeaderMap::new();
         headers.insert(REASON, reason.as_str());
-        headers.insert(DETAIL, &*crate::ingest::header_safe(detail));
+        headers.insert(DETAIL, &*headers::safe_value(detail));
         if !correlation_id.is_empty() {
-            headers.insert(CORRELATION_ID, &*crate::ingest::header_safe(correlation_id));
+            headers.insert(CORRELATION_ID, &*headers::safe_value(correlation_id));
         }
         if let Some(content_type) = message
             .headers

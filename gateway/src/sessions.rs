@@ -85,6 +85,8 @@ struct Known {
 #[derive(Debug)]
 pub(crate) struct Sessions {
     js: jetstream::Context,
+    /// `HEARTH_SESSION_QUEUE`, for direct reads and purges.
+    queue: jetstream::stream::Stream<()>,
     known: RwLock<Known>,
     /// Connected persistent sessions of this gateway: told the newest
     /// sequence of their queue. Keyed by client id, with the number of the
@@ -112,6 +114,7 @@ impl Sessions {
     ) -> Result<Arc<Self>, async_nats::Error> {
         let sessions = Arc::new(Self {
             js: js.clone(),
+            queue: js.get_stream_no_info(QUEUE_STREAM).await?,
             known: RwLock::default(),
             woken: Mutex::default(),
             attachments: std::sync::atomic::AtomicU64::new(0),
@@ -266,7 +269,7 @@ impl Sessions {
             .matching(topic)
             .into_iter()
             .filter_map(|(client_id, granted)| {
-                let effective = if granted < qos { granted } else { qos };
+                let effective = crate::broker::lower(qos, granted);
                 (effective != QoS::AtMostOnce).then_some((client_id, effective))
             })
             .collect()
@@ -330,12 +333,7 @@ impl Sessions {
         // what every gateway following the stream sees.
         let sequence = self.store(client_id, Bytes::new()).await?;
         self.apply(client_id, None, sequence);
-        let queue = self
-            .js
-            .get_stream_no_info(QUEUE_STREAM)
-            .await
-            .map_err(|e| SessionError::Purge(e.to_string()))?;
-        queue
+        self.queue
             .purge()
             .filter(subject::queue_subject(client_id))
             .await
@@ -392,12 +390,8 @@ impl Sessions {
         from: u64,
     ) -> Result<Option<Queued>, SessionError> {
         let read = |e: String| SessionError::Read(e);
-        let queue = self
-            .js
-            .get_stream_no_info(QUEUE_STREAM)
-            .await
-            .map_err(|e| read(e.to_string()))?;
-        let message = match queue
+        let message = match self
+            .queue
             .raw_message_builder()
             .next_by_subject(subject::queue_subject(client_id))
             .sequence(from.max(1))
@@ -438,12 +432,7 @@ impl Sessions {
         below: u64,
     ) -> Result<(), SessionError> {
         let purge = |e: String| SessionError::Purge(e);
-        let queue = self
-            .js
-            .get_stream_no_info(QUEUE_STREAM)
-            .await
-            .map_err(|e| purge(e.to_string()))?;
-        queue
+        self.queue
             .purge()
             .filter(subject::queue_subject(client_id))
             .sequence(below)

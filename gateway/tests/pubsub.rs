@@ -406,23 +406,6 @@ async fn mosquitto_clients_publish_and_subscribe_through_the_gateway() {
     gateway.shutdown().await;
 }
 
-/// Waits until the gateway counts `count` subscriptions.
-async fn wait_for_subscriptions(gateway: &hearth_gateway::Gateway, count: usize) {
-    let deadline = tokio::time::Instant::now() + PROMPTLY;
-    let expected = format!("\"mqtt_subscriptions\":{count}");
-    loop {
-        let health = http_get(gateway.http_addr(), "/healthz").await;
-        if health.contains(&expected) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no {count} subscriptions: {health}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test]
 async fn retained_messages_greet_new_subscriptions_and_an_empty_one_deletes() {
     let nats = TestNats::start().await;

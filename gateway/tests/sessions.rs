@@ -257,17 +257,7 @@ async fn mosquitto_clients_keep_a_session_and_get_qos2_exactly_once() {
     };
     // Subscribes once, then stays connected for the first message.
     let first = sub("1");
-    let deadline = tokio::time::Instant::now() + PROMPTLY;
-    while !http_get(gateway.http_addr(), "/healthz")
-        .await
-        .contains("\"mqtt_subscriptions\":1")
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "mosquitto_sub did not subscribe"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_subscriptions(&gateway, 1).await;
     let publish = |topic: &'static str, message: &'static str| {
         let port = port.clone();
         async move {

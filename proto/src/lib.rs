@@ -88,4 +88,29 @@ pub mod headers {
     /// On a routed message with a reply subject: only this client's
     /// acknowledgement answers it (a command for its device).
     pub const CONFIRM_CLIENT: &str = "Hearth-Confirm-Client";
+
+    /// The longest header value copied from device input.
+    pub const MAX_HEADER_VALUE: usize = 1024;
+
+    /// Header values cannot carry line breaks, and must leave the message room
+    /// for its payload; device-chosen strings may be long or contain anything.
+    pub fn safe_value(value: &str) -> std::borrow::Cow<'_, str> {
+        let clean = !value.chars().any(char::is_control);
+        if clean && value.len() <= MAX_HEADER_VALUE {
+            return value.into();
+        }
+        let mut safe: String = value
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
+        if safe.len() > MAX_HEADER_VALUE {
+            let mut end = MAX_HEADER_VALUE;
+            while !safe.is_char_boundary(end) {
+                end -= 1;
+            }
+            safe.truncate(end);
+            safe.push('…');
+        }
+        safe.into()
+    }
 }

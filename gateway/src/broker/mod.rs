@@ -293,7 +293,7 @@ impl Router {
             let Some(outbox) = state.outboxes.get(&id) else {
                 continue;
             };
-            let qos = if granted < qos { granted } else { qos };
+            let qos = lower(qos, granted);
             if outbox.persistent && qos != QoS::AtMostOnce && queued {
                 // Comes through the session's queue.
                 continue;
@@ -451,6 +451,16 @@ fn qos_headers(qos: QoS) -> HeaderMap {
         headers.insert(QUEUED, "1");
     }
     headers
+}
+
+/// The lower of two QoS levels: what a subscriber granted `b` gets of a
+/// message published at `a` (rumqttc's `QoS` has no `Ord`).
+pub(crate) fn lower(a: QoS, b: QoS) -> QoS {
+    if b < a {
+        b
+    } else {
+        a
+    }
 }
 
 pub(crate) fn qos_digit(qos: QoS) -> &'static str {

@@ -154,14 +154,14 @@ impl Prepared {
             }
             Meta::Retained => {
                 map.insert(MQTT_QOS, crate::broker::qos_digit(self.qos));
-                map.insert(MQTT_CLIENT_ID, &*header_safe(&self.client_id));
+                map.insert(MQTT_CLIENT_ID, &*headers::safe_value(&self.client_id));
             }
             Meta::DeadLetter { reason, detail } => {
                 map.insert(CONTENT_TYPE, "application/octet-stream");
                 map.insert(REASON, *reason);
-                map.insert(DETAIL, &*header_safe(detail));
-                map.insert(MQTT_TOPIC, &*header_safe(&self.topic));
-                map.insert(MQTT_CLIENT_ID, &*header_safe(&self.client_id));
+                map.insert(DETAIL, &*headers::safe_value(detail));
+                map.insert(MQTT_TOPIC, &*headers::safe_value(&self.topic));
+                map.insert(MQTT_CLIENT_ID, &*headers::safe_value(&self.client_id));
             }
         }
         map.insert(CORRELATION_ID, self.correlation_id.as_str());
@@ -475,29 +475,4 @@ fn check_subject_lengths(decoded: Decoded) -> Result<Decoded, Rejection> {
         }
     }
     Ok(decoded)
-}
-
-/// The longest header value copied from device input.
-const MAX_HEADER_VALUE: usize = 1024;
-
-/// Header values cannot carry line breaks, and must leave the message room
-/// for its payload; device-chosen strings may be long or contain anything.
-pub(crate) fn header_safe(value: &str) -> std::borrow::Cow<'_, str> {
-    let clean = !value.chars().any(char::is_control);
-    if clean && value.len() <= MAX_HEADER_VALUE {
-        return value.into();
-    }
-    let mut safe: String = value
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
-    if safe.len() > MAX_HEADER_VALUE {
-        let mut end = MAX_HEADER_VALUE;
-        while !safe.is_char_boundary(end) {
-            end -= 1;
-        }
-        safe.truncate(end);
-        safe.push('…');
-    }
-    safe.into()
 }

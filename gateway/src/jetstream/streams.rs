@@ -83,17 +83,22 @@ pub fn stream_configs(storage: &StorageConfig) -> [(&'static str, stream::Config
     ]
 }
 
-/// `HEARTH_RETAINED`: the last retained MQTT message of each topic.
-pub fn retained_config(storage: &StorageConfig) -> stream::Config {
+/// A stream that keeps the last `per_subject` messages of each subject,
+/// read directly from any replica; full, it drops its oldest.
+fn per_subject(
+    name: &str,
+    description: &str,
+    subjects: &str,
+    per_subject: i64,
+    max_bytes: i64,
+    storage: &StorageConfig,
+) -> stream::Config {
     stream::Config {
-        name: RETAINED_STREAM.to_owned(),
-        description: Some(
-            "hearth retained MQTT messages, the last of each topic, on hearth.retained.<topic levels> (empty = deleted)"
-                .to_owned(),
-        ),
-        subjects: vec![subject::RETAINED_SUBJECTS.to_owned()],
-        max_messages_per_subject: 1,
-        max_bytes: RETAINED_MAX_BYTES,
+        name: name.to_owned(),
+        description: Some(description.to_owned()),
+        subjects: vec![subjects.to_owned()],
+        max_messages_per_subject: per_subject,
+        max_bytes,
         storage: stream::StorageType::File,
         num_replicas: storage.replicas,
         duplicate_window: storage.duplicate_window,
@@ -103,24 +108,29 @@ pub fn retained_config(storage: &StorageConfig) -> stream::Config {
     }
 }
 
+/// `HEARTH_RETAINED`: the last retained MQTT message of each topic.
+pub fn retained_config(storage: &StorageConfig) -> stream::Config {
+    per_subject(
+        RETAINED_STREAM,
+        "hearth retained MQTT messages, the last of each topic, on hearth.retained.<topic levels> (empty = deleted)",
+        subject::RETAINED_SUBJECTS,
+        1,
+        RETAINED_MAX_BYTES,
+        storage,
+    )
+}
+
 /// `HEARTH_SESSIONS`: the subscriptions and delivery state of each
 /// persistent MQTT session.
 pub fn sessions_config(storage: &StorageConfig) -> stream::Config {
-    stream::Config {
-        name: SESSIONS_STREAM.to_owned(),
-        description: Some(
-            "hearth persistent MQTT sessions (clean session = false): subscriptions and delivery state, on hearth.session.<client id>"
-                .to_owned(),
-        ),
-        subjects: vec![subject::SESSIONS_SUBJECTS.to_owned()],
-        max_messages_per_subject: 1,
-        max_bytes: 256 * 1024 * 1024,
-        storage: stream::StorageType::File,
-        num_replicas: storage.replicas,
-        allow_direct: true,
-        discard: stream::DiscardPolicy::Old,
-        ..Default::default()
-    }
+    per_subject(
+        SESSIONS_STREAM,
+        "hearth persistent MQTT sessions (clean session = false): subscriptions and delivery state, on hearth.session.<client id>",
+        subject::SESSIONS_SUBJECTS,
+        1,
+        256 * 1024 * 1024,
+        storage,
+    )
 }
 
 /// `HEARTH_SESSION_QUEUE`: QoS 1/2 messages for persistent sessions until
@@ -128,41 +138,28 @@ pub fn sessions_config(storage: &StorageConfig) -> stream::Config {
 /// session, the oldest dropped first.
 pub fn queue_config(storage: &StorageConfig, mqtt: &MqttConfig) -> stream::Config {
     stream::Config {
-        name: QUEUE_STREAM.to_owned(),
-        description: Some(
-            "hearth messages for persistent MQTT sessions, until acknowledged, on hearth.queue.<client id>"
-                .to_owned(),
-        ),
-        subjects: vec![subject::QUEUE_SUBJECTS.to_owned()],
-        max_messages_per_subject: i64::try_from(mqtt.max_session_queue).unwrap_or(i64::MAX),
         max_age: mqtt.session_queue_max_age,
-        max_bytes: 1024 * 1024 * 1024,
-        storage: stream::StorageType::File,
-        num_replicas: storage.replicas,
-        duplicate_window: storage.duplicate_window,
-        allow_direct: true,
-        discard: stream::DiscardPolicy::Old,
-        ..Default::default()
+        ..per_subject(
+            QUEUE_STREAM,
+            "hearth messages for persistent MQTT sessions, until acknowledged, on hearth.queue.<client id>",
+            subject::QUEUE_SUBJECTS,
+            i64::try_from(mqtt.max_session_queue).unwrap_or(i64::MAX),
+            1024 * 1024 * 1024,
+            storage,
+        )
     }
 }
 
 /// `HEARTH_DEVICES`: how to reach each device hearth has seen.
 pub fn devices_config(storage: &StorageConfig) -> stream::Config {
-    stream::Config {
-        name: DEVICES_STREAM.to_owned(),
-        description: Some(
-            "hearth devices seen by the gateway: convention, MQTT topic and client id, on hearth.device.<home>.<room>.<device>"
-                .to_owned(),
-        ),
-        subjects: vec![subject::DEVICES_SUBJECTS.to_owned()],
-        max_messages_per_subject: 1,
-        max_bytes: 64 * 1024 * 1024,
-        storage: stream::StorageType::File,
-        num_replicas: storage.replicas,
-        allow_direct: true,
-        discard: stream::DiscardPolicy::Old,
-        ..Default::default()
-    }
+    per_subject(
+        DEVICES_STREAM,
+        "hearth devices seen by the gateway: convention, MQTT topic and client id, on hearth.device.<home>.<room>.<device>",
+        subject::DEVICES_SUBJECTS,
+        1,
+        64 * 1024 * 1024,
+        storage,
+    )
 }
 
 /// Creates or updates the streams and the dedup bucket; returns the bucket.
@@ -171,31 +168,17 @@ pub async fn ensure(
     storage: &StorageConfig,
     mqtt: &MqttConfig,
 ) -> Result<kv::Store, StreamsError> {
-    for (name, config) in stream_configs(storage) {
-        js.create_or_update_stream(config)
-            .await
-            .map_err(|source| StreamsError::Stream { name, source })?;
-    }
-    js.create_or_update_stream(retained_config(storage))
-        .await
-        .map_err(|source| StreamsError::Stream {
-            name: RETAINED_STREAM,
-            source,
-        })?;
-    for (name, config) in [
+    let broker = [
+        (RETAINED_STREAM, retained_config(storage)),
         (SESSIONS_STREAM, sessions_config(storage)),
         (QUEUE_STREAM, queue_config(storage, mqtt)),
-    ] {
+        (DEVICES_STREAM, devices_config(storage)),
+    ];
+    for (name, config) in stream_configs(storage).into_iter().chain(broker) {
         js.create_or_update_stream(config)
             .await
             .map_err(|source| StreamsError::Stream { name, source })?;
     }
-    js.create_or_update_stream(devices_config(storage))
-        .await
-        .map_err(|source| StreamsError::Stream {
-            name: DEVICES_STREAM,
-            source,
-        })?;
     // The bucket's stream is made here rather than by
     // `create_or_update_key_value`, which first queries account limits in a
     // shape nats-server 2.9 does not answer.

@@ -986,7 +986,7 @@ impl Session {
                         self.retained.push_back(Delivery {
                             topic,
                             payload,
-                            qos: if granted < qos { granted } else { qos },
+                            qos: crate::broker::lower(qos, granted),
                             retain: true,
                             user_properties: Vec::new(),
                             confirm: None,

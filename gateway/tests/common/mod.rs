@@ -265,3 +265,20 @@ pub async fn next_publish(client: &mut RawClient) -> v4::Publish {
         other => panic!("expected PUBLISH, got {other:?}"),
     }
 }
+
+/// Waits until the gateway counts `count` subscriptions.
+pub async fn wait_for_subscriptions(gateway: &hearth_gateway::Gateway, count: usize) {
+    let deadline = tokio::time::Instant::now() + PROMPTLY;
+    let expected = format!("\"mqtt_subscriptions\":{count}");
+    loop {
+        let health = http_get(gateway.http_addr(), "/healthz").await;
+        if health.contains(&expected) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no {count} subscriptions: {health}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
