@@ -28,6 +28,9 @@ pub struct Homes {
 pub struct Home {
     #[serde(default)]
     pub rooms: BTreeMap<String, Room>,
+    /// Who is told what, and how (the notify rule).
+    #[serde(default)]
+    pub notify: crate::notify::HomeConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -10,7 +10,10 @@
 //! The rules themselves (security, lights, notify, view) build on these;
 //! see the project's issues for what is built.
 
+pub mod clock;
 pub mod commands;
+pub mod events;
 pub mod homes;
 pub mod lights;
+pub mod notify;
 pub mod runtime;

@@ -39,6 +39,11 @@ pub mod v1 {
                 Self::Light(_) => "light",
                 Self::Availability(_) => "availability",
                 Self::LoginFailed(_) => "login_failed",
+                Self::AlarmState(_) => "alarm_state",
+                Self::AlarmNotice(_) => "alarm_notice",
+                Self::Notification(_) => "notification",
+                Self::NotificationDelivery(_) => "notification_delivery",
+                Self::NotificationAck(_) => "notification_ack",
             }
         }
     }

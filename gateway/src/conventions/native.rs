@@ -21,12 +21,15 @@
 //! | `button`       | `{"action": "single"}` (non-empty)        |                 |
 //! | `light`        | `{"on": true, "brightness_pct": 40}`      | whole 0..=100, optional |
 //! | `availability` | `{"online": true}`, or `online` / `offline` as the bare payload | |
+//! | `notification_ack` | `{"notification_id": "…", "recipient": "alice"}` (recipient optional) | |
 //!
 //! Every JSON payload may carry `"ts"`, the device's time of the reading: an
 //! RFC 3339 string with an offset (`"2024-05-01T12:00:00Z"`) or epoch
 //! milliseconds (`1714564800000`). Other fields are ignored, so devices can
 //! send extra diagnostics. `<prefix>/<home>/<room>/<device>/set` and `/get`
-//! are command topics: acknowledged, not events.
+//! are command topics: acknowledged, not events. So is `<prefix>/<home>/alarm/set`,
+//! the alarm panel's arm/disarm topic: its payload carries a code, so it is
+//! routed to the security rule and never stored.
 //!
 //! Commands reach a device on `<prefix>/<home>/<room>/<device>/set` in the
 //! shape of its own reports, with the command's ids:
@@ -44,8 +47,8 @@
 use hearth_proto::v1::event::Body;
 use hearth_proto::v1::{command, Command};
 use hearth_proto::v1::{
-    Availability, Battery, ButtonPress, Contact, Humidity, Illuminance, LightState, Motion, Smoke,
-    Tamper, Temperature, WaterLeak,
+    Availability, Battery, ButtonPress, Contact, Humidity, Illuminance, LightState, Motion,
+    NotificationAck, Smoke, Tamper, Temperature, WaterLeak,
 };
 use serde::Deserialize;
 
@@ -88,6 +91,12 @@ impl Native {
 
     fn decode_levels(&self, levels: &str, payload: &[u8]) -> Result<Decoded, Rejection> {
         let levels: Vec<&str> = levels.split('/').collect();
+        // A keypad's or panel's arm/disarm request carries a code: it is
+        // routed to the security rule (`hearth-consumers security`
+        // subscribes to it) and never stored.
+        if let [_, "alarm", "set"] = levels[..] {
+            return Ok(Decoded::NotAnEvent("alarm panel command"));
+        }
         let [home, room, device, kind] = levels[..] else {
             return Err(Rejection::new(
                 RejectReason::UnknownTopic,
@@ -186,6 +195,15 @@ const KINDS: &[(&str, BodyDecoder)] = &[
     ("availability", |f| {
         Ok(Body::Availability(Availability {
             online: f.bool("online")?,
+        }))
+    }),
+    // A person saw a critical notification (from a phone app or a button):
+    // `{"notification_id":"…","recipient":"alice"}`.
+    ("notification_ack", |f| {
+        Ok(Body::NotificationAck(NotificationAck {
+            notification_id: f.string("notification_id")?.to_owned(),
+            recipient: f.opt_string("recipient")?.unwrap_or_default().to_owned(),
+            via: "mqtt".to_owned(),
         }))
     }),
 ];
@@ -356,6 +374,15 @@ mod tests {
                 r#"{"online":true}"#,
                 Body::Availability(Availability { online: true }),
             ),
+            (
+                "notification_ack",
+                r#"{"notification_id":"0193"}"#,
+                Body::NotificationAck(NotificationAck {
+                    notification_id: "0193".into(),
+                    recipient: String::new(),
+                    via: "mqtt".into(),
+                }),
+            ),
         ];
         assert_eq!(cases.len(), KINDS.len());
         for (kind, payload, expected) in cases {
@@ -447,6 +474,34 @@ mod tests {
             body("contact", r#"{"open":false,"rssi":-70,"fw":"1.2"}"#),
             Body::Contact(Contact { open: false })
         );
+    }
+
+    #[test]
+    fn the_alarm_panel_topic_is_routed_not_stored() {
+        assert_eq!(
+            decode(
+                "hearth/home/alarm/set",
+                r#"{"action":"DISARM","code":"1234"}"#
+            ),
+            Some(Ok(Decoded::NotAnEvent("alarm panel command")))
+        );
+    }
+
+    #[test]
+    fn a_notification_ack_names_the_notification() {
+        assert_eq!(
+            body(
+                "notification_ack",
+                r#"{"notification_id":"0193","recipient":"alice"}"#
+            ),
+            Body::NotificationAck(NotificationAck {
+                notification_id: "0193".into(),
+                recipient: "alice".into(),
+                via: "mqtt".into(),
+            })
+        );
+        let rejection = kind_rejection("notification_ack", r#"{"recipient":"alice"}"#);
+        assert_eq!(rejection.reason, RejectReason::MissingField);
     }
 
     #[test]
