@@ -17,3 +17,4 @@ pub mod homes;
 pub mod lights;
 pub mod notify;
 pub mod runtime;
+pub mod state;

@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use async_nats::jetstream::{self, kv, stream};
+use async_nats::jetstream::{self, kv};
 use futures::StreamExt;
 use hearth_proto::v1::{self, command, event::Body};
 use serde::{Deserialize, Serialize};
@@ -33,6 +33,7 @@ use tracing::{debug, info, warn};
 use crate::commands::{Commands, Target};
 use crate::homes::Homes;
 use crate::runtime::{HandlerError, Received, Spec};
+use crate::state;
 
 /// The rule's consumer name and its state bucket.
 pub const CONSUMER: &str = "hearth-lights";
@@ -93,24 +94,12 @@ impl Lights {
         homes: Homes,
         commands: Commands,
     ) -> Result<Self, async_nats::Error> {
-        // Created as a stream rather than with create_key_value, which asks
-        // for account limits in a shape nats-server 2.9 does not answer.
-        js.get_or_create_stream(stream::Config {
-            name: format!("KV_{BUCKET}"),
-            description: Some(
-                "hearth lights: each room's last lux, lights and off time (the lights rule's state)"
-                    .to_owned(),
-            ),
-            subjects: vec![format!("$KV.{BUCKET}.>")],
-            max_messages_per_subject: 1,
-            allow_rollup: true,
-            deny_delete: true,
-            allow_direct: true,
-            discard: stream::DiscardPolicy::New,
-            ..Default::default()
-        })
+        let state = state::open_bucket(
+            js,
+            BUCKET,
+            "hearth lights: each room's last lux, lights and off time (the lights rule's state)",
+        )
         .await?;
-        let state = js.get_key_value(BUCKET).await?;
         // The off times pending when the rule last stopped.
         let mut timers = BTreeMap::new();
         let mut keys = state.keys().await?;
@@ -312,44 +301,16 @@ impl Lights {
     }
 }
 
-/// The KV key of a room: `<home>.<room>`, each name with the characters KV
-/// keys cannot hold written `=XX` (hex of each UTF-8 byte).
+/// The KV key of a room: `<home>.<room>` (see [`state::key`]).
 pub fn key(home: &str, room: &str) -> String {
-    format!("{}.{}", escape(home), escape(room))
-}
-
-fn escape(name: &str) -> String {
-    let mut out = String::with_capacity(name.len());
-    for byte in name.bytes() {
-        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_') {
-            out.push(char::from(byte));
-        } else {
-            out.push_str(&format!("={byte:02X}"));
-        }
-    }
-    out
-}
-
-fn unescape(token: &str) -> Option<String> {
-    let bytes = token.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'=' {
-            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
+    state::key(&[home, room])
 }
 
 fn split_key(key: &str) -> Option<(String, String)> {
-    let (home, room) = key.split_once('.')?;
-    Some((unescape(home)?, unescape(room)?))
+    match <[String; 2]>::try_from(state::split_key(key)?) {
+        Ok([home, room]) => Some((home, room)),
+        Err(_) => None,
+    }
 }
 
 fn now_ms() -> u64 {
@@ -360,27 +321,4 @@ fn now_ms() -> u64 {
 
 fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn room_keys_are_valid_kv_keys_and_read_back() {
-        for (home, room) in [
-            ("home", "hall"),
-            ("home", "Living Room"),
-            ("Flat 2.1", "Küche"),
-        ] {
-            let key = key(home, room);
-            assert!(
-                key.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_=.".contains(c)),
-                "{key}"
-            );
-            assert_eq!(key.matches('.').count(), 1, "{key}");
-            assert_eq!(split_key(&key), Some((home.to_owned(), room.to_owned())));
-        }
-    }
 }
