@@ -57,6 +57,16 @@ impl Cause {
         }
     }
 
+    /// The causing event's id, or for a chain started by a request, its
+    /// correlation id: what names the cause in dedup ids.
+    pub fn event_id_or_correlation(&self) -> &str {
+        if self.event_id.is_empty() {
+            &self.correlation_id
+        } else {
+            &self.event_id
+        }
+    }
+
     /// As the minimal event [`crate::commands::Commands::issue`] takes.
     pub fn as_event(&self) -> v1::Event {
         v1::Event {

@@ -28,6 +28,9 @@ pub struct Homes {
 pub struct Home {
     #[serde(default)]
     pub rooms: BTreeMap<String, Room>,
+    /// The alarm (the security rule); none: the home has no alarm.
+    #[serde(default)]
+    pub security: Option<crate::security::config::Config>,
     /// Who is told what, and how (the notify rule).
     #[serde(default)]
     pub notify: crate::notify::HomeConfig,
@@ -73,6 +76,12 @@ pub enum HomesError {
         path: PathBuf,
         source: Box<toml::de::Error>,
     },
+    #[error("invalid homes file {path}: home {home:?}: {problem}")]
+    InvalidHome {
+        path: PathBuf,
+        home: String,
+        problem: String,
+    },
     #[error("invalid homes file {path}: home {home:?}, room {room:?}: {problem}")]
     Invalid {
         path: PathBuf,
@@ -96,6 +105,17 @@ impl Homes {
             path: path.to_owned(),
             source: Box::new(source),
         })?;
+        for (home, config) in &homes.homes {
+            if let Some(security) = &config.security {
+                security
+                    .validate()
+                    .map_err(|problem| HomesError::InvalidHome {
+                        path: path.to_owned(),
+                        home: home.clone(),
+                        problem: format!("security: {problem}"),
+                    })?;
+            }
+        }
         for (home, rooms) in &homes.homes {
             for (room, config) in &rooms.rooms {
                 let invalid = |problem: &str| HomesError::Invalid {

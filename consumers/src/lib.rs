@@ -17,4 +17,5 @@ pub mod homes;
 pub mod lights;
 pub mod notify;
 pub mod runtime;
+pub mod security;
 pub mod state;

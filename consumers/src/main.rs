@@ -1,16 +1,19 @@
-//! `hearth-consumers`: runs a house rule as a durable JetStream consumer.
-//! Built so far: `lights` (motion lighting). The security, notify and view
-//! rules are the next steps (see the project's issues).
+//! `hearth-consumers`: runs hearth's house rules, each a durable JetStream
+//! consumer: `lights`, `security`, or `all` of them in one process.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{anyhow, Context};
 use clap::{Parser, Subcommand};
+use hearth_consumers::clock::Clock;
 use hearth_consumers::commands::Commands;
+use hearth_consumers::events::Events;
 use hearth_consumers::homes::Homes;
 use hearth_consumers::lights::{self, Lights};
 use hearth_consumers::runtime;
+use hearth_consumers::security::{self, panel, Security};
 use hearth_proto::Encoding;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -23,10 +26,19 @@ struct Cli {
     /// NATS server URL (the hearth gateway's).
     #[arg(long, env = "HEARTH_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     nats_url: String,
-    /// The homes file: rooms, their lights, lux thresholds and delays (see
-    /// the README).
-    #[arg(long, env = "HEARTH_HOMES", value_name = "FILE")]
-    homes: PathBuf,
+    /// The homes file: rooms, lights, alarm zones and codes, recipients
+    /// (see deploy/homes.toml and the README).
+    #[arg(long, env = "HEARTH_HOMES", value_name = "FILE", global = true)]
+    homes: Option<PathBuf>,
+    /// The gateway's native MQTT topic prefix, under which keypads publish
+    /// on `<prefix>/<home>/alarm/set`.
+    #[arg(
+        long,
+        env = "HEARTH_MQTT_PREFIX",
+        default_value = "hearth",
+        global = true
+    )]
+    mqtt_prefix: String,
     /// How commands are stored: json (readable) or protobuf.
     #[arg(long, env = "HEARTH_ENCODING", default_value = "json")]
     encoding: Encoding,
@@ -39,6 +51,15 @@ enum Rule {
     /// Motion lighting: lights on at motion in a dark room, off after the
     /// room's delay without motion.
     Lights,
+    /// The alarm of each home: zones, exit and entry delays, sirens; armed
+    /// and disarmed with a code over MQTT (`<prefix>/<home>/alarm/set`) or
+    /// NATS (`hearth.alarm.<home>`).
+    Security,
+    /// Every rule in this one process.
+    All,
+    /// Prints the hash of an alarm code (read from standard input) for the
+    /// homes file's `codes`.
+    HashCode,
 }
 
 #[tokio::main]
@@ -59,11 +80,17 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let homes = Homes::load(&cli.homes)?;
+    if let Rule::HashCode = cli.rule {
+        return hash_code();
+    }
+    let path = cli.homes.as_ref().ok_or_else(|| {
+        anyhow!("--homes FILE (or HEARTH_HOMES) is needed: the homes file the rules follow")
+    })?;
+    let homes = Arc::new(Homes::load(path)?);
     let client = async_nats::connect(&cli.nats_url)
         .await
         .with_context(|| format!("cannot connect to NATS at {}", cli.nats_url))?;
-    let js = async_nats::jetstream::new(client);
+    let js = async_nats::jetstream::new(client.clone());
     let shutdown = CancellationToken::new();
     let signals = shutdown.clone();
     tokio::spawn(async move {
@@ -77,24 +104,122 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         tracing::info!("stopping (signal received)");
         signals.cancel();
     });
-    match cli.rule {
-        Rule::Lights => {
-            let lights = Lights::open(&js, homes, Commands::new(js.clone(), cli.encoding))
-                .await
-                .map_err(|error| anyhow!("cannot open the lights state: {error}"))?;
-            let timers = tokio::spawn(lights.clone().run_timers(shutdown.clone()));
-            runtime::run(
-                &js,
-                &lights::spec(),
-                move |received| {
-                    let lights = lights.clone();
-                    async move { lights.handle(received).await }
-                },
-                shutdown,
-            )
-            .await?;
-            let _ = timers.await;
+    let context = Started {
+        js,
+        client,
+        homes,
+        encoding: cli.encoding,
+        clock: Clock::system(),
+        mqtt_prefix: cli.mqtt_prefix,
+    };
+    let mut rules = tokio::task::JoinSet::new();
+    let wanted = |rule: &Rule| {
+        matches!(cli.rule, Rule::All)
+            || std::mem::discriminant(rule) == std::mem::discriminant(&cli.rule)
+    };
+    if wanted(&Rule::Lights) {
+        rules.spawn(run_lights(context.clone(), shutdown.clone()));
+    }
+    if wanted(&Rule::Security) {
+        rules.spawn(run_security(context.clone(), shutdown.clone()));
+    }
+    // One rule failing stops the others: a process runs all it was asked
+    // to or none.
+    let mut outcome = Ok(());
+    while let Some(joined) = rules.join_next().await {
+        let result = joined.map_err(anyhow::Error::from).and_then(|r| r);
+        if let Err(error) = result {
+            shutdown.cancel();
+            if outcome.is_ok() {
+                outcome = Err(error);
+            }
         }
     }
+    outcome
+}
+
+/// What every rule is started with.
+#[derive(Debug, Clone)]
+struct Started {
+    js: async_nats::jetstream::Context,
+    client: async_nats::Client,
+    homes: Arc<Homes>,
+    encoding: Encoding,
+    clock: Clock,
+    mqtt_prefix: String,
+}
+
+async fn run_lights(context: Started, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let commands = Commands::new(context.js.clone(), context.encoding);
+    let lights = Lights::open(&context.js, (*context.homes).clone(), commands)
+        .await
+        .map_err(|error| anyhow!("cannot open the lights state: {error}"))?;
+    let timers = tokio::spawn(lights.clone().run_timers(shutdown.clone()));
+    runtime::run(
+        &context.js,
+        &lights::spec(),
+        move |received| {
+            let lights = lights.clone();
+            async move { lights.handle(received).await }
+        },
+        shutdown,
+    )
+    .await?;
+    let _ = timers.await;
+    Ok(())
+}
+
+async fn run_security(context: Started, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let events = Events::new(
+        context.js.clone(),
+        context.encoding,
+        security::CONSUMER,
+        context.clock.clone(),
+    );
+    let security = Security::open(
+        &context.js,
+        context.client.clone(),
+        Arc::clone(&context.homes),
+        events,
+        Commands::new(context.js.clone(), context.encoding),
+        context.clock.clone(),
+        &context.mqtt_prefix,
+    )
+    .await
+    .map_err(|error| anyhow!("cannot open the security state: {error}"))?;
+    let timers = tokio::spawn(security.clone().run_timers(shutdown.clone()));
+    let panel = tokio::spawn(panel::serve(security.clone(), shutdown.clone()));
+    runtime::run(
+        &context.js,
+        &security::spec(),
+        move |received| {
+            let security = security.clone();
+            async move { security.handle(received).await }
+        },
+        shutdown,
+    )
+    .await?;
+    let _ = timers.await;
+    panel
+        .await
+        .context("the alarm panel task failed")?
+        .context("cannot serve alarm panel requests")?;
+    Ok(())
+}
+
+/// `hash-code`: the code from standard input (first line), hashed.
+fn hash_code() -> anyhow::Result<()> {
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .context("cannot read the code from standard input")?;
+    let code = line.trim_end_matches(['\r', '\n']);
+    if code.is_empty() {
+        return Err(anyhow!(
+            "no code on standard input (e.g. `echo 1234 | hearth-consumers hash-code`)"
+        ));
+    }
+    let hash = panel::hash_code(code).map_err(|e| anyhow!("cannot hash the code: {e}"))?;
+    println!("{hash}");
     Ok(())
 }

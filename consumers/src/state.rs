@@ -93,7 +93,10 @@ mod tests {
                 "{key}"
             );
             assert_eq!(key.matches('.').count(), names.len() - 1, "{key}");
-            assert_eq!(split_key(&key), Some(names.iter().map(|n| n.to_string()).collect()));
+            assert_eq!(
+                split_key(&key),
+                Some(names.iter().map(|n| n.to_string()).collect())
+            );
         }
         assert_eq!(key(&["Flat 2.1", "Küche"]), "Flat=202=2E1.K=C3=BCche");
     }
