@@ -51,6 +51,11 @@ pub struct Room {
     /// for) suspends the rule in its room for this long.
     #[serde(with = "humantime_serde")]
     pub override_for: Duration,
+    /// A motion sensor still reporting occupancy keeps the lights on, but
+    /// at most this long after its last report (for sensors that never
+    /// report clear).
+    #[serde(with = "humantime_serde")]
+    pub occupied_max: Duration,
 }
 
 impl Default for Room {
@@ -60,6 +65,7 @@ impl Default for Room {
             lux_below: 30.0,
             off_after: Duration::from_secs(300),
             override_for: Duration::from_secs(1800),
+            occupied_max: Duration::from_secs(3600),
         }
     }
 }

@@ -5,7 +5,14 @@
 //!   Lux only gates turning on: the room's own lights raise the reading, so
 //!   brightness never turns a light off.
 //! - Each motion event (detected or clear) sets the room's off time to
-//!   `off_after` from then; when it comes, the room's lights go off.
+//!   `off_after` from then; when it comes, the room's lights go off, unless
+//!   a sensor of the room still reports occupancy (presence sensors do not
+//!   resend "on" while someone is there): then the lights stay on until it
+//!   clears, or `occupied_max` after its last report for sensors that
+//!   never clear.
+//! - When the alarm of a home triggers (an `alarm_state` event of the
+//!   security rule), every light of the home goes on, whatever the lux,
+//!   the hour or a manual override.
 //! - A command is sent only when it changes something: the rule follows
 //!   each light's reported state (`light` events).
 //! - A light reported in a state the rule did not ask for was switched by
@@ -20,7 +27,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
 use futures::StreamExt;
@@ -30,6 +37,7 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::clock::{millis, Clock};
 use crate::commands::{Commands, Target};
 use crate::homes::Homes;
 use crate::runtime::{HandlerError, Received, Spec};
@@ -59,6 +67,10 @@ pub struct RoomState {
     /// someone switched a light by hand.
     #[serde(default)]
     pub manual_until: Option<u64>,
+    /// The motion sensors reporting occupancy now, and since when (ms since
+    /// the epoch) they last said so.
+    #[serde(default)]
+    pub occupied: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -80,6 +92,7 @@ pub fn spec() -> Spec {
 #[derive(Debug, Clone)]
 pub struct Lights {
     homes: Arc<Homes>,
+    clock: Clock,
     state: kv::Store,
     commands: Commands,
     /// Event handling and the off timer change the same rooms; and the off
@@ -91,7 +104,7 @@ impl Lights {
     /// Opens (or creates) the state bucket.
     pub async fn open(
         js: &jetstream::Context,
-        homes: Homes,
+        homes: impl Into<Arc<Homes>>,
         commands: Commands,
     ) -> Result<Self, async_nats::Error> {
         let state = state::open_bucket(
@@ -117,11 +130,19 @@ impl Lights {
         }
         info!(pending_off_times = timers.len(), "lights state loaded");
         Ok(Self {
-            homes: Arc::new(homes),
+            homes: homes.into(),
+            clock: Clock::system(),
             state,
             commands,
             timers: Arc::new(Mutex::new(timers)),
         })
+    }
+
+    /// The rule on `clock` rather than the system clock (tests move it).
+    #[must_use]
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// Handles one event.
@@ -130,6 +151,12 @@ impl Lights {
         let Some(body) = &event.body else {
             return Ok(());
         };
+        if let Body::AlarmState(alarm) = body {
+            if alarm.state() == v1::AlarmStatus::Triggered {
+                return self.alarm_triggered(event).await;
+            }
+            return Ok(());
+        }
         let Some(room) = self.homes.room(&event.home, &event.room) else {
             return Ok(());
         };
@@ -137,6 +164,7 @@ impl Lights {
         let key = key(&event.home, &event.room);
         let mut state = self.load(&key).await?;
         let before = state.clone();
+        let now = self.clock.now_ms();
         match body {
             Body::Illuminance(reading) => state.lux = Some(reading.lux),
             Body::Light(light) if room.lights.contains(&event.device) => {
@@ -144,11 +172,11 @@ impl Lights {
                 // A state the rule did not ask for: switched by hand.
                 if state.commanded.get(&event.device).copied().unwrap_or(false) != light.on {
                     info!(light = %event.device, on = light.on, "switched by hand: the room is left alone for a while");
-                    state.manual_until = Some(now_ms() + millis(room.override_for));
+                    state.manual_until = Some(now + millis(room.override_for));
                     state.off_at = None;
                 }
             }
-            Body::Motion(_) if state.manual_until.is_some_and(|until| until > now_ms()) => {
+            Body::Motion(_) if state.manual_until.is_some_and(|until| until > now) => {
                 debug!("the room is under manual control; motion ignored");
                 return Ok(());
             }
@@ -173,9 +201,14 @@ impl Lights {
                         state.commanded.insert(light.clone(), true);
                     }
                 }
+                if motion.detected {
+                    state.occupied.insert(event.device.clone(), now);
+                } else {
+                    state.occupied.remove(&event.device);
+                }
                 // Any motion, detected or clear, starts the room's delay
                 // again.
-                state.off_at = Some(now_ms() + millis(room.off_after));
+                state.off_at = Some(now + millis(room.off_after));
                 state.cause = Some(Cause {
                     event_id: event.id.clone(),
                     correlation_id: event.correlation_id.clone(),
@@ -209,7 +242,7 @@ impl Lights {
 
     async fn fire_due(&self) -> Result<(), HandlerError> {
         let mut timers = self.timers.lock().await;
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let due: Vec<String> = timers
             .iter()
             .filter(|(_, at)| **at <= now)
@@ -223,6 +256,20 @@ impl Lights {
             };
             if off_at > now {
                 timers.insert(key, off_at);
+                continue;
+            }
+            // Someone is still there: look again a delay later.
+            let room_config = self.homes.room(&home, &room);
+            let still_occupied = room_config.and_then(|config| {
+                let latest = state.occupied.values().copied().max()?;
+                let hold_until = latest.saturating_add(millis(config.occupied_max));
+                (hold_until > now).then(|| (now + millis(config.off_after)).min(hold_until))
+            });
+            if let Some(look_again) = still_occupied {
+                debug!(home, room, "the room is still occupied: the lights stay on");
+                state.off_at = Some(look_again);
+                self.save(&key, &state).await?;
+                timers.insert(key, look_again);
                 continue;
             }
             let cause = state.cause.clone().unwrap_or_default();
@@ -246,10 +293,42 @@ impl Lights {
                 state.commanded.insert(light, false);
             }
             state.off_at = None;
+            state.occupied.clear();
             self.save(&key, &state).await?;
             timers.remove(&key);
             info!(home, room, "no motion for the room's delay: lights off");
         }
+        Ok(())
+    }
+
+    /// Every light of the home on, whatever the lux, hour or override.
+    async fn alarm_triggered(&self, event: &v1::Event) -> Result<(), HandlerError> {
+        let Some(home) = self.homes.homes.get(&event.home) else {
+            return Ok(());
+        };
+        let _timers = self.timers.lock().await;
+        for (room, config) in &home.rooms {
+            if config.lights.is_empty() {
+                continue;
+            }
+            let key = key(&event.home, room);
+            let mut state = self.load(&key).await?;
+            for light in &config.lights {
+                self.command(
+                    event,
+                    &event.home,
+                    room,
+                    light,
+                    true,
+                    &format!("alarm-on-{room}-{light}"),
+                )
+                .await?;
+                state.lights.insert(light.clone(), true);
+                state.commanded.insert(light.clone(), true);
+            }
+            self.save(&key, &state).await?;
+        }
+        info!(home = %event.home, "the alarm triggered: every light on");
         Ok(())
     }
 
@@ -311,14 +390,4 @@ fn split_key(key: &str) -> Option<(String, String)> {
         Ok([home, room]) => Some((home, room)),
         Err(_) => None,
     }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
-fn millis(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }

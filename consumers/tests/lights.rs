@@ -7,6 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use async_nats::jetstream;
+use hearth_consumers::clock::Clock;
 use hearth_consumers::commands::Commands;
 use hearth_consumers::homes::Homes;
 use hearth_consumers::lights::{self, Lights};
@@ -43,9 +44,19 @@ async fn start(
     js: &jetstream::Context,
     homes: Homes,
 ) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    start_on(js, homes, Clock::system()).await
+}
+
+/// The same on a clock the test moves.
+async fn start_on(
+    js: &jetstream::Context,
+    homes: Homes,
+    clock: Clock,
+) -> (CancellationToken, tokio::task::JoinHandle<()>) {
     let lights = Lights::open(js, homes, Commands::new(js.clone(), Encoding::Json))
         .await
-        .expect("open the lights state");
+        .expect("open the lights state")
+        .with_clock(clock);
     let shutdown = CancellationToken::new();
     let timers = tokio::spawn(lights.clone().run_timers(shutdown.clone()));
     let js_for_run = js.clone();
@@ -256,6 +267,8 @@ async fn an_off_time_that_came_while_the_rule_was_down_fires_when_it_is_back() {
     let (stop, task) = start(&js, homes("2s")).await;
     event(&js, "m1", "pir", motion(true)).await;
     wait_for_commands(&js, 2).await;
+    event(&js, "m1-clear", "pir", motion(false)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     // Down before the delay runs out...
     stop.cancel();
     task.await.unwrap();
@@ -269,8 +282,106 @@ async fn an_off_time_that_came_while_the_rule_was_down_fires_when_it_is_back() {
     let (stop, task) = start(&js, homes("2s")).await;
     let all = wait_for_commands(&js, 4).await;
     assert!(
-        all[2..].iter().all(|(_, on, cause)| !on && cause == "m1"),
+        all[2..]
+            .iter()
+            .all(|(_, on, cause)| !on && cause == "m1-clear"),
         "{all:?}"
+    );
+    stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_room_still_occupied_keeps_its_lights_until_the_sensor_clears() {
+    let (_nats, js) = setup().await;
+    let clock = Clock::system();
+    let homes = Homes::parse(
+        Path::new("homes.toml"),
+        "[homes.home.rooms.hall]\nlights = [\"ceiling\"]\noff_after = \"5m\"\noccupied_max = \"2h\"\n",
+    )
+    .unwrap();
+    let (stop, task) = start_on(&js, homes, clock.clone()).await;
+    // A presence sensor: "occupied" once, nothing while someone stays.
+    event(&js, "m1", "presence", motion(true)).await;
+    wait_for_commands(&js, 1).await;
+    clock.advance(Duration::from_secs(30 * 60));
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(
+        commands(&js).await.len(),
+        1,
+        "occupied: still on after 30 min"
+    );
+    // It clears: off the room's delay later.
+    event(&js, "m2", "presence", motion(false)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    clock.advance(Duration::from_secs(4 * 60));
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(commands(&js).await.len(), 1, "not before the delay");
+    clock.advance(Duration::from_secs(61));
+    let all = wait_for_commands(&js, 2).await;
+    assert_eq!(all[1], ("ceiling".to_owned(), false, "m2".to_owned()));
+    // A sensor that never clears keeps them on at most occupied_max.
+    event(&js, "m3", "presence", motion(true)).await;
+    wait_for_commands(&js, 3).await;
+    clock.advance(Duration::from_secs(60 * 60));
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(commands(&js).await.len(), 3, "within occupied_max");
+    clock.advance(Duration::from_secs(61 * 60));
+    let all = wait_for_commands(&js, 4).await;
+    assert_eq!(all[3], ("ceiling".to_owned(), false, "m3".to_owned()));
+    stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test]
+async fn every_light_of_the_home_goes_on_when_the_alarm_triggers() {
+    let (_nats, js) = setup().await;
+    let homes = Homes::parse(
+        Path::new("homes.toml"),
+        "[homes.home.rooms.hall]\nlights = [\"ceiling\"]\n[homes.home.rooms.garden]\nlights = [\"flood\"]\n",
+    )
+    .unwrap();
+    let (stop, task) = start(&js, homes).await;
+    // Bright, and switched by hand: neither matters to the alarm.
+    event(
+        &js,
+        "lux",
+        "sensor",
+        Body::Illuminance(v1::Illuminance { lux: 900.0 }),
+    )
+    .await;
+    event(&js, "by-hand", "ceiling", light_state(false)).await;
+    let alarm = v1::Event {
+        id: "alarm-1".into(),
+        correlation_id: "corr-door".into(),
+        home: "home".into(),
+        room: "_home".into(),
+        device: "alarm".into(),
+        body: Some(Body::AlarmState(v1::AlarmState {
+            state: v1::AlarmStatus::Triggered.into(),
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Content-Type", Encoding::Json.content_type());
+    js.publish_with_headers(
+        "hearth.evt.home._home.alarm_state.alarm",
+        headers,
+        Encoding::Json.encode(&alarm),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let mut all = wait_for_commands(&js, 2).await;
+    all.sort();
+    assert_eq!(
+        all,
+        [
+            ("ceiling".to_owned(), true, "alarm-1".to_owned()),
+            ("flood".to_owned(), true, "alarm-1".to_owned())
+        ]
     );
     stop.cancel();
     task.await.unwrap();
