@@ -28,6 +28,14 @@ pub struct Homes {
 pub struct Home {
     #[serde(default)]
     pub rooms: BTreeMap<String, Room>,
+    /// The IANA time zone of the home (`Europe/Berlin`) its hours are read
+    /// in; default the system's.
+    #[serde(default)]
+    pub timezone: Option<String>,
+    /// Night hours, `"22:00-06:30"`: motion turns lights on whatever the
+    /// lux, at each room's `night_brightness`.
+    #[serde(default)]
+    pub night: Option<crate::daytime::Hours>,
     /// The alarm (the security rule); none: the home has no alarm.
     #[serde(default)]
     pub security: Option<crate::security::config::Config>,
@@ -51,6 +59,9 @@ pub struct Room {
     /// for) suspends the rule in its room for this long.
     #[serde(with = "humantime_serde")]
     pub override_for: Duration,
+    /// Brightness (percent) of lights motion turns on in the night hours;
+    /// none: the lights' own.
+    pub night_brightness: Option<u32>,
     /// A motion sensor still reporting occupancy keeps the lights on, but
     /// at most this long after its last report (for sensors that never
     /// report clear).
@@ -66,6 +77,7 @@ impl Default for Room {
             off_after: Duration::from_secs(300),
             override_for: Duration::from_secs(1800),
             occupied_max: Duration::from_secs(3600),
+            night_brightness: None,
         }
     }
 }
@@ -112,6 +124,12 @@ impl Homes {
             source: Box::new(source),
         })?;
         for (home, config) in &homes.homes {
+            let invalid = |problem: String| HomesError::InvalidHome {
+                path: path.to_owned(),
+                home: home.clone(),
+                problem,
+            };
+            crate::daytime::time_zone(config.timezone.as_deref()).map_err(invalid)?;
             if let Some(security) = &config.security {
                 security
                     .validate()
@@ -136,12 +154,31 @@ impl Homes {
                 if config.lux_below.is_nan() || config.lux_below < 0.0 {
                     return Err(invalid("lux_below must be 0 or more"));
                 }
+                if config
+                    .night_brightness
+                    .is_some_and(|pct| !(1..=100).contains(&pct))
+                {
+                    return Err(invalid("night_brightness must be 1 to 100 (percent)"));
+                }
                 if config.lights.iter().any(String::is_empty) {
                     return Err(invalid("a light's name is empty"));
                 }
             }
         }
         Ok(homes)
+    }
+
+    /// Whether it is night at `now_ms` in `home` (its night hours, in its
+    /// time zone).
+    pub fn is_night(&self, home: &str, now_ms: u64) -> bool {
+        let Some(config) = self.homes.get(home) else {
+            return false;
+        };
+        let Some(night) = &config.night else {
+            return false;
+        };
+        crate::daytime::time_zone(config.timezone.as_deref())
+            .is_ok_and(|tz| night.contains(now_ms, &tz))
     }
 
     /// The configuration of a room, if it is in the file.
@@ -194,6 +231,43 @@ mod tests {
         .to_string();
         assert!(
             error.contains("line 3") && error.contains("offf_after"),
+            "{error}"
+        );
+        let error = Homes::parse(
+            Path::new("homes.toml"),
+            "[homes.home]\ntimezone = \"Mars/Olympus\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("\"home\"") && error.contains("Mars/Olympus"),
+            "{error}"
+        );
+        let error = Homes::parse(
+            Path::new("homes.toml"),
+            "[homes.home]\nnight = \"22:00-31:00\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("line 2") && error.contains("time of day"),
+            "{error}"
+        );
+        let error = Homes::parse(
+            Path::new("homes.toml"),
+            "[homes.home.rooms.hall]\nnight_brightness = 0\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("night_brightness"), "{error}");
+        let error = Homes::parse(
+            Path::new("homes.toml"),
+            "[homes.home.security.zones.door]\ntype = \"entry\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("security") && error.contains("room/device"),
             "{error}"
         );
         let error = Homes::parse(

@@ -12,6 +12,7 @@
 
 pub mod clock;
 pub mod commands;
+pub mod daytime;
 pub mod events;
 pub mod homes;
 pub mod lights;

@@ -10,6 +10,9 @@
 //!   resend "on" while someone is there): then the lights stay on until it
 //!   clears, or `occupied_max` after its last report for sensors that
 //!   never clear.
+//! - In a home's night hours (`night = "22:00-06:30"`, its `timezone`)
+//!   every room counts as dark, and motion turns lights on at the room's
+//!   `night_brightness`.
 //! - When the alarm of a home triggers (an `alarm_state` event of the
 //!   security rule), every light of the home goes on, whatever the lux,
 //!   the hour or a manual override.
@@ -182,18 +185,23 @@ impl Lights {
             }
             Body::Motion(motion) => {
                 state.manual_until = None;
-                let dark = state.lux.is_none_or(|lux| lux < room.lux_below);
+                let night = self.homes.is_night(&event.home, now);
+                let dark = night || state.lux.is_none_or(|lux| lux < room.lux_below);
+                let brightness = if night { room.night_brightness } else { None };
                 if motion.detected && dark {
                     for light in &room.lights {
                         if state.lights.get(light) == Some(&true) {
                             continue;
                         }
+                        let target = Target {
+                            home: &event.home,
+                            room: &event.room,
+                            device: light,
+                        };
                         self.command(
                             event,
-                            &event.home,
-                            &event.room,
-                            light,
-                            true,
+                            target,
+                            switch(true, brightness),
                             &format!("on-{light}"),
                         )
                         .await?;
@@ -287,7 +295,12 @@ impl Lights {
             for light in on {
                 // Per off time: the same timer never commands twice.
                 let action = format!("off-{light}-{off_at}");
-                self.command(&event, &home, &room, &light, false, &action)
+                let target = Target {
+                    home: &home,
+                    room: &room,
+                    device: &light,
+                };
+                self.command(&event, target, switch(false, None), &action)
                     .await?;
                 state.lights.insert(light.clone(), false);
                 state.commanded.insert(light, false);
@@ -314,15 +327,14 @@ impl Lights {
             let key = key(&event.home, room);
             let mut state = self.load(&key).await?;
             for light in &config.lights {
-                self.command(
-                    event,
-                    &event.home,
+                let target = Target {
+                    home: &event.home,
                     room,
-                    light,
-                    true,
-                    &format!("alarm-on-{room}-{light}"),
-                )
-                .await?;
+                    device: light,
+                };
+                let action = format!("alarm-on-{room}-{light}");
+                self.command(event, target, switch(true, Some(100)), &action)
+                    .await?;
                 state.lights.insert(light.clone(), true);
                 state.commanded.insert(light.clone(), true);
             }
@@ -335,27 +347,26 @@ impl Lights {
     async fn command(
         &self,
         cause: &v1::Event,
-        home: &str,
-        room: &str,
-        light: &str,
-        on: bool,
+        target: Target<'_>,
+        set: v1::LightSet,
         action: &str,
     ) -> Result<(), HandlerError> {
-        let body = command::Body::LightSet(v1::LightSet {
-            on,
-            brightness_pct: None,
-        });
-        let target = Target {
-            home,
-            room,
-            device: light,
-        };
+        let (on, brightness) = (set.on, set.brightness_pct);
+        let body = command::Body::LightSet(set);
         let issued = self
             .commands
             .issue(cause, target, action, body)
             .await
             .map_err(|e| HandlerError::Retry(e.to_string()))?;
-        debug!(home, room, light, on, ?issued, "light command");
+        debug!(
+            home = target.home,
+            room = target.room,
+            light = target.device,
+            on,
+            ?brightness,
+            ?issued,
+            "light command"
+        );
         Ok(())
     }
 
@@ -378,6 +389,10 @@ impl Lights {
             .map_err(|e| HandlerError::Retry(e.to_string()))?;
         Ok(())
     }
+}
+
+fn switch(on: bool, brightness_pct: Option<u32>) -> v1::LightSet {
+    v1::LightSet { on, brightness_pct }
 }
 
 /// The KV key of a room: `<home>.<room>` (see [`state::key`]).

@@ -334,6 +334,58 @@ async fn a_room_still_occupied_keeps_its_lights_until_the_sensor_clears() {
 }
 
 #[tokio::test]
+async fn at_night_motion_lights_even_a_bright_room_at_night_brightness() {
+    let (_nats, js) = setup().await;
+    let clock = Clock::system();
+    // Night from two to four hours from now (UTC), whatever the hour.
+    let hour = |ahead: u64| {
+        let ms = clock.now_ms() + ahead * 3_600_000;
+        format!("{:02}:00", (ms / 3_600_000) % 24)
+    };
+    let homes = Homes::parse(
+        Path::new("homes.toml"),
+        &format!(
+            "[homes.home]\ntimezone = \"UTC\"\nnight = \"{}-{}\"\n[homes.home.rooms.hall]\nlights = [\"ceiling\"]\nnight_brightness = 20\n",
+            hour(2),
+            hour(4)
+        ),
+    )
+    .unwrap();
+    let (stop, task) = start_on(&js, homes, clock.clone()).await;
+    event(
+        &js,
+        "lux",
+        "sensor",
+        Body::Illuminance(v1::Illuminance { lux: 900.0 }),
+    )
+    .await;
+    event(&js, "m1", "pir", motion(true)).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(commands(&js).await.is_empty(), "bright by day: nothing");
+    clock.advance(Duration::from_secs(3 * 3600));
+    event(&js, "m2", "pir", motion(true)).await;
+    wait_for_commands(&js, 1).await;
+    assert_eq!(brightness(&js).await, [Some(20)]);
+    stop.cancel();
+    task.await.unwrap();
+}
+
+/// The brightness of every light command stored so far.
+async fn brightness(js: &jetstream::Context) -> Vec<Option<u32>> {
+    let mut stream = js.get_stream("HEARTH_COMMANDS").await.unwrap();
+    let state = stream.info().await.unwrap().state.clone();
+    let mut out = Vec::new();
+    for sequence in state.first_sequence..=state.last_sequence {
+        let message = stream.get_raw_message(sequence).await.unwrap();
+        let command: v1::Command = Encoding::Json.decode(&message.payload).unwrap();
+        if let Some(v1::command::Body::LightSet(set)) = command.body {
+            out.push(set.brightness_pct);
+        }
+    }
+    out
+}
+
+#[tokio::test]
 async fn every_light_of_the_home_goes_on_when_the_alarm_triggers() {
     let (_nats, js) = setup().await;
     let homes = Homes::parse(
@@ -376,6 +428,7 @@ async fn every_light_of_the_home_goes_on_when_the_alarm_triggers() {
     .unwrap();
     let mut all = wait_for_commands(&js, 2).await;
     all.sort();
+    assert_eq!(brightness(&js).await, [Some(100), Some(100)]);
     assert_eq!(
         all,
         [
