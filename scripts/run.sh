@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs hearth live on this machine: the gateway with its own nats-server
 # (JetStream data in .data/ of this checkout), MQTT on port 1883, /healthz on
-# 127.0.0.1:9880, and the house rules built so far (hearth-consumers lights,
-# with deploy/homes.toml or $HEARTH_HOMES). Installs what is missing first
+# 127.0.0.1:9880, and every house rule (hearth-consumers all: lights,
+# security, notify, view, with deploy/homes.toml or $HEARTH_HOMES). Installs what is missing first
 # (scripts/setup.sh) and builds in release mode. Stop it with Ctrl-C: the
 # rules finish the event in hand, the gateway stores what it was handed,
 # then stops its nats-server.
@@ -47,6 +47,8 @@ cat <<'HINT'
 hearth is starting. Try, in another terminal:
   mosquitto_sub -t 'hearth/home/+/+/set' -v &    # the lights' commands
   mosquitto_pub -t hearth/home/kitchen/pir-1/motion -q 1 -m '{"detected":true}'
+  mosquitto_sub -t 'hearth/home/alarm/#' -v &    # the alarm panel's state and answers
+  mosquitto_pub -t hearth/home/alarm/set -q 1 -m '{"action":"arm_away","code":"1234"}'
   mosquitto_pub -t 'zigbee2mqtt/Living Room/Lamp' -q 1 -m '{"state":"ON","brightness":128}'
   curl -s 127.0.0.1:9880/healthz
 HINT
@@ -77,7 +79,7 @@ for _ in $(seq 1 100); do
     kill -0 "$gateway" 2>/dev/null || exit 1
     sleep 0.2
 done
-echo "run.sh: house rules: lights (homes file $HEARTH_HOMES)"
-target/release/hearth-consumers --nats-url "$nats_url" lights &
+echo "run.sh: house rules: all (homes file $HEARTH_HOMES)"
+target/release/hearth-consumers --nats-url "$nats_url" all &
 rules=$!
 wait "$gateway"
