@@ -14,8 +14,9 @@
 //!   every room counts as dark, and motion turns lights on at the room's
 //!   `night_brightness`.
 //! - When the alarm of a home triggers (an `alarm_state` event of the
-//!   security rule), every light of the home goes on, whatever the lux,
-//!   the hour or a manual override.
+//!   security rule), every light of the home not already on goes on at full
+//!   brightness, whatever the lux, the hour or a manual override, and stays
+//!   on (no off time).
 //! - A command is sent only when it changes something: the rule follows
 //!   each light's reported state (`light` events).
 //! - A light reported in a state the rule did not ask for was switched by
@@ -314,19 +315,25 @@ impl Lights {
         Ok(())
     }
 
-    /// Every light of the home on, whatever the lux, hour or override.
+    /// Every light of the home on, whatever the lux, hour or override,
+    /// and left on (no off time).
     async fn alarm_triggered(&self, event: &v1::Event) -> Result<(), HandlerError> {
         let Some(home) = self.homes.homes.get(&event.home) else {
             return Ok(());
         };
-        let _timers = self.timers.lock().await;
+        let mut timers = self.timers.lock().await;
         for (room, config) in &home.rooms {
             if config.lights.is_empty() {
                 continue;
             }
             let key = key(&event.home, room);
             let mut state = self.load(&key).await?;
+            // Lit until someone switches them off.
+            state.off_at = None;
             for light in &config.lights {
+                if state.lights.get(light) == Some(&true) {
+                    continue;
+                }
                 let target = Target {
                     home: &event.home,
                     room,
@@ -339,6 +346,7 @@ impl Lights {
                 state.commanded.insert(light.clone(), true);
             }
             self.save(&key, &state).await?;
+            timers.remove(&key);
         }
         info!(home = %event.home, "the alarm triggered: every light on");
         Ok(())
