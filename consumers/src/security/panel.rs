@@ -223,6 +223,8 @@ pub async fn serve(
                     }
                 });
             }
+            // Both subscriptions ended: the connection is closed for good.
+            else => return Ok(()),
         }
     }
 }
