@@ -17,6 +17,7 @@ pub mod events;
 pub mod homes;
 pub mod lights;
 pub mod notify;
+pub mod view;
 pub mod runtime;
 pub mod security;
 pub mod state;

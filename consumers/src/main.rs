@@ -14,6 +14,7 @@ use hearth_consumers::homes::Homes;
 use hearth_consumers::lights::{self, Lights};
 use hearth_consumers::runtime;
 use hearth_consumers::security::{self, panel, Security};
+use hearth_consumers::view;
 use hearth_proto::Encoding;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -39,6 +40,9 @@ struct Cli {
         global = true
     )]
     mqtt_prefix: String,
+    /// Where the view serves its HTTP JSON (`view` and `all`).
+    #[arg(long, env = "HEARTH_VIEW_LISTEN", value_name = "ADDR", default_value_t = view::DEFAULT_HTTP_LISTEN, global = true)]
+    view_listen: std::net::SocketAddr,
     /// How commands are stored: json (readable) or protobuf.
     #[arg(long, env = "HEARTH_ENCODING", default_value = "json")]
     encoding: Encoding,
@@ -55,6 +59,15 @@ enum Rule {
     /// and disarmed with a code over MQTT (`<prefix>/<home>/alarm/set`) or
     /// NATS (`hearth.alarm.<home>`).
     Security,
+    /// The read side: every home's live state (devices, rooms, alarm) in
+    /// the KV bucket hearth_view, served over HTTP (`--view-listen`) and NATS
+    /// (`hearth.view.<home>`). Needs no homes file.
+    View {
+        /// Drop the view and build it again from the stream's start (with
+        /// no other view running).
+        #[arg(long)]
+        rebuild: bool,
+    },
     /// Every rule in this one process.
     All,
     /// Prints the hash of an alarm code (read from standard input) for the
@@ -83,10 +96,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Rule::HashCode = cli.rule {
         return hash_code();
     }
-    let path = cli.homes.as_ref().ok_or_else(|| {
-        anyhow!("--homes FILE (or HEARTH_HOMES) is needed: the homes file the rules follow")
-    })?;
-    let homes = Arc::new(Homes::load(path)?);
+    let homes = match (&cli.homes, &cli.rule) {
+        // The view follows the events alone.
+        (None, Rule::View { .. }) => Arc::new(Homes::default()),
+        (path, _) => {
+            let path = path.as_ref().ok_or_else(|| {
+                anyhow!("--homes FILE (or HEARTH_HOMES) is needed: the homes file the rules follow")
+            })?;
+            Arc::new(Homes::load(path)?)
+        }
+    };
     let client = async_nats::connect(&cli.nats_url)
         .await
         .with_context(|| format!("cannot connect to NATS at {}", cli.nats_url))?;
@@ -122,6 +141,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     if wanted(&Rule::Security) {
         rules.spawn(run_security(context.clone(), shutdown.clone()));
+    }
+    if wanted(&Rule::View { rebuild: false }) {
+        let rebuild = matches!(cli.rule, Rule::View { rebuild: true });
+        let options = view::Options {
+            http_listen: Some(cli.view_listen),
+        };
+        rules.spawn(run_view(
+            context.clone(),
+            rebuild,
+            options,
+            shutdown.clone(),
+        ));
     }
     // One rule failing stops the others: a process runs all it was asked
     // to or none.
@@ -204,6 +235,20 @@ async fn run_security(context: Started, shutdown: CancellationToken) -> anyhow::
         .await
         .context("the alarm panel task failed")?
         .context("cannot serve alarm panel requests")?;
+    Ok(())
+}
+
+async fn run_view(
+    context: Started,
+    rebuild: bool,
+    options: view::Options,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    if rebuild {
+        let dropped = view::rebuild(&context.js).await?;
+        tracing::info!(dropped, "view dropped; rebuilding from the stream's start");
+    }
+    view::run(context.js, options, shutdown).await?;
     Ok(())
 }
 
