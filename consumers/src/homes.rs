@@ -130,6 +130,14 @@ impl Homes {
                 problem,
             };
             crate::daytime::time_zone(config.timezone.as_deref()).map_err(invalid)?;
+            config
+                .notify
+                .validate()
+                .map_err(|problem| HomesError::InvalidHome {
+                    path: path.to_owned(),
+                    home: home.clone(),
+                    problem,
+                })?;
             if let Some(security) = &config.security {
                 security
                     .validate()

@@ -1,5 +1,6 @@
 //! `hearth-consumers`: runs hearth's house rules, each a durable JetStream
-//! consumer: `lights`, `security`, or `all` of them in one process.
+//! consumer: `lights`, `security`, `notify`, `view`, or `all` of them in
+//! one process; and `hash-code` for the homes file.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,6 +13,7 @@ use hearth_consumers::commands::Commands;
 use hearth_consumers::events::Events;
 use hearth_consumers::homes::Homes;
 use hearth_consumers::lights::{self, Lights};
+use hearth_consumers::notify;
 use hearth_consumers::runtime;
 use hearth_consumers::security::{self, panel, Security};
 use hearth_consumers::view;
@@ -43,6 +45,11 @@ struct Cli {
     /// Where the view serves its HTTP JSON (`view` and `all`).
     #[arg(long, env = "HEARTH_VIEW_LISTEN", value_name = "ADDR", default_value_t = view::DEFAULT_HTTP_LISTEN, global = true)]
     view_listen: std::net::SocketAddr,
+    /// Where the notify rule's HTTP API (acknowledgements, status)
+    /// listens; `off` for none. It has no authentication: keep it on
+    /// loopback or behind a proxy.
+    #[arg(long, env = "HEARTH_NOTIFY_LISTEN", value_name = "ADDR", default_value = notify::DEFAULT_HTTP_LISTEN, global = true)]
+    notify_listen: String,
     /// How commands are stored: json (readable) or protobuf.
     #[arg(long, env = "HEARTH_ENCODING", default_value = "json")]
     encoding: Encoding,
@@ -59,6 +66,10 @@ enum Rule {
     /// and disarmed with a code over MQTT (`<prefix>/<home>/alarm/set`) or
     /// NATS (`hearth.alarm.<home>`).
     Security,
+    /// Notifications: each home's recipients told (webhook, e-mail, ntfy,
+    /// SMS, log) with retries, dedup, rate limits, quiet hours, and
+    /// escalation until acknowledged.
+    Notify,
     /// The read side: every home's live state (devices, rooms, alarm) in
     /// the KV bucket hearth_view, served over HTTP (`--view-listen`) and NATS
     /// (`hearth.view.<home>`). Needs no homes file.
@@ -141,6 +152,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     if wanted(&Rule::Security) {
         rules.spawn(run_security(context.clone(), shutdown.clone()));
+    }
+    if wanted(&Rule::Notify) {
+        let http_listen =
+            match cli.notify_listen.as_str() {
+                "off" | "" => None,
+                text => Some(text.parse::<std::net::SocketAddr>().with_context(|| {
+                    format!("--notify-listen {text:?} is not host:port (or off)")
+                })?),
+            };
+        rules.spawn(run_notify(context.clone(), http_listen, shutdown.clone()));
     }
     if wanted(&Rule::View { rebuild: false }) {
         let rebuild = matches!(cli.rule, Rule::View { rebuild: true });
@@ -235,6 +256,23 @@ async fn run_security(context: Started, shutdown: CancellationToken) -> anyhow::
         .await
         .context("the alarm panel task failed")?
         .context("cannot serve alarm panel requests")?;
+    Ok(())
+}
+
+async fn run_notify(
+    context: Started,
+    http_listen: Option<std::net::SocketAddr>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    notify::run(
+        context.js.clone(),
+        Arc::clone(&context.homes),
+        context.encoding,
+        context.clock.clone(),
+        notify::Options { http_listen },
+        shutdown,
+    )
+    .await?;
     Ok(())
 }
 

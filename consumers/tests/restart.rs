@@ -52,7 +52,15 @@ type = "entry"
 
 fn spawn(url: &str, homes: &Path) -> tokio::process::Child {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_hearth-consumers"))
-        .args(["--nats-url", url, "--view-listen", "127.0.0.1:0", "--homes"])
+        .args([
+            "--nats-url",
+            url,
+            "--view-listen",
+            "127.0.0.1:0",
+            "--notify-listen",
+            "off",
+        ])
+        .arg("--homes")
         .arg(homes)
         .arg("all")
         .env("HEARTH_LOG", "warn")
