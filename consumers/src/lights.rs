@@ -23,7 +23,9 @@
 //!   hand: the rule leaves that room alone for `override_for` (no on, no
 //!   off), then takes over again at the next motion.
 //! - The state of every room (last lux, lights, off time, the motion event
-//!   that set it) is kept in the KV bucket `hearth_lights`, so a restarted
+//!   that set it) is kept in memory and in the KV bucket `hearth_lights`
+//!   (a lux reading is written only when it turns the room dark or bright,
+//!   so chatty sensors cost no write), so a restarted
 //!   rule resumes where it was, and an off time that came while it was down
 //!   fires at once on restart.
 //! - Commands are issued idempotently (see `commands`): the same event, or
@@ -43,6 +45,7 @@ use tracing::{debug, info, warn};
 
 use crate::clock::{millis, Clock};
 use crate::commands::{Commands, Target};
+use crate::events::Cause;
 use crate::homes::Homes;
 use crate::runtime::{HandlerError, Received, Spec};
 use crate::state;
@@ -77,12 +80,6 @@ pub struct RoomState {
     pub occupied: BTreeMap<String, u64>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Cause {
-    pub event_id: String,
-    pub correlation_id: String,
-}
-
 /// The consumer of this rule.
 pub fn spec() -> Spec {
     Spec::new(
@@ -99,9 +96,10 @@ pub struct Lights {
     clock: Clock,
     state: kv::Store,
     commands: Commands,
-    /// Event handling and the off timer change the same rooms; and the off
-    /// times known, by room key (read from the bucket once, at start).
-    timers: Arc<Mutex<BTreeMap<String, u64>>>,
+    /// Every room's state by room key, read from the bucket once, at
+    /// start, and written through to it on every change that matters.
+    /// Event handling and the off timer take turns on it.
+    rooms: Arc<Mutex<BTreeMap<String, RoomState>>>,
 }
 
 impl Lights {
@@ -117,28 +115,32 @@ impl Lights {
             "hearth lights: each room's last lux, lights and off time (the lights rule's state)",
         )
         .await?;
-        // The off times pending when the rule last stopped.
-        let mut timers = BTreeMap::new();
+        // Every room as the rule last left it, off times pending included.
+        let mut rooms = BTreeMap::new();
         let mut keys = state.keys().await?;
         while let Some(key) = keys.next().await {
             let key = key?;
             if let Some(entry) = state.get(&key).await? {
-                if let Ok(RoomState {
-                    off_at: Some(off_at),
-                    ..
-                }) = serde_json::from_slice::<RoomState>(&entry)
-                {
-                    timers.insert(key, off_at);
+                match serde_json::from_slice::<RoomState>(&entry) {
+                    Ok(room) => {
+                        rooms.insert(key, room);
+                    }
+                    Err(error) => warn!(key, %error, "unreadable room state; starting afresh"),
                 }
             }
         }
-        info!(pending_off_times = timers.len(), "lights state loaded");
+        let pending = rooms.values().filter(|room| room.off_at.is_some()).count();
+        info!(
+            rooms = rooms.len(),
+            pending_off_times = pending,
+            "lights state loaded"
+        );
         Ok(Self {
             homes: homes.into(),
             clock: Clock::system(),
             state,
             commands,
-            timers: Arc::new(Mutex::new(timers)),
+            rooms: Arc::new(Mutex::new(rooms)),
         })
     }
 
@@ -164,13 +166,24 @@ impl Lights {
         let Some(room) = self.homes.room(&event.home, &event.room) else {
             return Ok(());
         };
-        let mut timers = self.timers.lock().await;
+        let mut rooms = self.rooms.lock().await;
         let key = key(&event.home, &event.room);
-        let mut state = self.load(&key).await?;
+        let mut state = rooms.get(&key).cloned().unwrap_or_default();
         let before = state.clone();
         let now = self.clock.now_ms();
         match body {
-            Body::Illuminance(reading) => state.lux = Some(reading.lux),
+            Body::Illuminance(reading) => {
+                let dark = |lux: Option<f64>| lux.is_none_or(|lux| lux < room.lux_below);
+                let flips = dark(state.lux) != dark(Some(reading.lux));
+                state.lux = Some(reading.lux);
+                if !flips {
+                    // Kept in memory only: what the bucket holds still
+                    // says dark or bright rightly, and a sensor reporting
+                    // every few seconds costs no write.
+                    rooms.insert(key, state);
+                    return Ok(());
+                }
+            }
             Body::Light(light) if room.lights.contains(&event.device) => {
                 state.lights.insert(event.device.clone(), light.on);
                 // A state the rule did not ask for: switched by hand.
@@ -218,19 +231,13 @@ impl Lights {
                 // Any motion, detected or clear, starts the room's delay
                 // again.
                 state.off_at = Some(now + millis(room.off_after));
-                state.cause = Some(Cause {
-                    event_id: event.id.clone(),
-                    correlation_id: event.correlation_id.clone(),
-                });
+                state.cause = Some(Cause::of(event));
             }
             _ => return Ok(()),
         }
         if state != before {
             self.save(&key, &state).await?;
-            match state.off_at {
-                Some(off_at) => timers.insert(key, off_at),
-                None => timers.remove(&key),
-            };
+            rooms.insert(key, state);
         }
         Ok(())
     }
@@ -250,23 +257,18 @@ impl Lights {
     }
 
     async fn fire_due(&self) -> Result<(), HandlerError> {
-        let mut timers = self.timers.lock().await;
+        let mut rooms = self.rooms.lock().await;
         let now = self.clock.now_ms();
-        let due: Vec<String> = timers
+        let due: Vec<String> = rooms
             .iter()
-            .filter(|(_, at)| **at <= now)
+            .filter(|(_, room)| room.off_at.is_some_and(|at| at <= now))
             .map(|(key, _)| key.clone())
             .collect();
         for key in due {
-            let mut state = self.load(&key).await?;
+            let mut state = rooms.get(&key).cloned().unwrap_or_default();
             let (Some(off_at), Some((home, room))) = (state.off_at, split_key(&key)) else {
-                timers.remove(&key);
                 continue;
             };
-            if off_at > now {
-                timers.insert(key, off_at);
-                continue;
-            }
             // Someone is still there: look again a delay later.
             let room_config = self.homes.room(&home, &room);
             let still_occupied = room_config.and_then(|config| {
@@ -278,15 +280,10 @@ impl Lights {
                 debug!(home, room, "the room is still occupied: the lights stay on");
                 state.off_at = Some(look_again);
                 self.save(&key, &state).await?;
-                timers.insert(key, look_again);
+                rooms.insert(key, state);
                 continue;
             }
-            let cause = state.cause.clone().unwrap_or_default();
-            let event = v1::Event {
-                id: cause.event_id,
-                correlation_id: cause.correlation_id,
-                ..Default::default()
-            };
+            let event = state.cause.clone().unwrap_or_default().as_event();
             let on: Vec<String> = state
                 .lights
                 .iter()
@@ -309,7 +306,7 @@ impl Lights {
             state.off_at = None;
             state.occupied.clear();
             self.save(&key, &state).await?;
-            timers.remove(&key);
+            rooms.insert(key, state);
             info!(home, room, "no motion for the room's delay: lights off");
         }
         Ok(())
@@ -321,13 +318,13 @@ impl Lights {
         let Some(home) = self.homes.homes.get(&event.home) else {
             return Ok(());
         };
-        let mut timers = self.timers.lock().await;
+        let mut rooms = self.rooms.lock().await;
         for (room, config) in &home.rooms {
             if config.lights.is_empty() {
                 continue;
             }
             let key = key(&event.home, room);
-            let mut state = self.load(&key).await?;
+            let mut state = rooms.get(&key).cloned().unwrap_or_default();
             // Lit until someone switches them off.
             state.off_at = None;
             for light in &config.lights {
@@ -346,7 +343,7 @@ impl Lights {
                 state.commanded.insert(light.clone(), true);
             }
             self.save(&key, &state).await?;
-            timers.remove(&key);
+            rooms.insert(key, state);
         }
         info!(home = %event.home, "the alarm triggered: every light on");
         Ok(())
@@ -376,17 +373,6 @@ impl Lights {
             "light command"
         );
         Ok(())
-    }
-
-    async fn load(&self, key: &str) -> Result<RoomState, HandlerError> {
-        let entry = self
-            .state
-            .get(key)
-            .await
-            .map_err(|e| HandlerError::Retry(e.to_string()))?;
-        Ok(entry
-            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-            .unwrap_or_default())
     }
 
     async fn save(&self, key: &str, state: &RoomState) -> Result<(), HandlerError> {
