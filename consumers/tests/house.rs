@@ -4,16 +4,17 @@
 //! goes pending, triggers after the entry delay, sounds the siren over MQTT
 //! and calls the webhook with a critical notification, once.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use argon2::password_hash::{PasswordHasher, SaltString};
-use argon2::{Algorithm, Argon2, Params, Version};
 use hearth_test_support::TestNats;
 
+/// Longer than `common::PROMPTLY`: a whole process starts and acts.
 const PROMPTLY: Duration = Duration::from_secs(20);
 
 type Received = Arc<Mutex<Vec<serde_json::Value>>>;
@@ -39,12 +40,7 @@ async fn webhook() -> (SocketAddr, Received) {
 }
 
 fn homes_file(dir: &Path, hook: SocketAddr) -> std::path::PathBuf {
-    let params = Params::new(64, 1, 1, None).unwrap();
-    let salt = SaltString::encode_b64(b"hearth-test-salt").unwrap();
-    let hash = Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
-        .hash_password(b"1234", &salt)
-        .unwrap()
-        .to_string();
+    let hash = common::cheap_code_hash("1234");
     let path = dir.join("homes.toml");
     std::fs::write(
         &path,
@@ -73,42 +69,12 @@ url = "http://{hook}/hook"
     path
 }
 
-async fn mosquitto_pub(port: &str, topic: &str, message: &str) {
-    let status = tokio::process::Command::new("mosquitto_pub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            port,
-            "-q",
-            "1",
-            "-t",
-            topic,
-            "-m",
-            message,
-        ])
-        .status()
-        .await
-        .expect("run mosquitto_pub");
-    assert!(status.success());
-}
-
 #[tokio::test]
 async fn a_break_in_sounds_the_siren_over_mqtt_and_calls_the_webhook_once() {
-    assert!(
-        hearth_test_support::mosquitto_pub_available(),
-        "mosquitto_pub is missing: scripts/setup.sh installs mosquitto-clients"
-    );
+    common::require_mosquitto_clients();
     let nats = TestNats::start().await;
-    let mut config = hearth_gateway::config::Config::default();
-    config.auth.allow_anonymous = true;
-    config.nats.url = Some(nats.url());
-    config.mqtt.listen = "127.0.0.1:0".parse().unwrap();
-    config.http.listen = "127.0.0.1:0".parse().unwrap();
-    let gateway = hearth_gateway::Gateway::start(config)
-        .await
-        .expect("gateway");
-    let port = gateway.mqtt_addr().port().to_string();
+    let gateway = common::start_gateway(&nats).await;
+    let mqtt = gateway.mqtt_addr();
     let (hook, received) = webhook().await;
     let dir = tempfile::tempdir().unwrap();
     let homes = homes_file(dir.path(), hook);
@@ -126,97 +92,49 @@ async fn a_break_in_sounds_the_siren_over_mqtt_and_calls_the_webhook_once() {
     // The rules are up once the panel answers (the consumers exist by then
     // or moments later; the keypad's request below waits for them).
     let client = async_nats::connect(nats.url()).await.unwrap();
-    let deadline = tokio::time::Instant::now() + PROMPTLY;
-    while client
-        .request("hearth.alarm.home", "status".into())
-        .await
-        .is_err()
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the rules did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    common::ask_alarm_panel(&client, "status", PROMPTLY).await;
     let js = async_nats::jetstream::new(client.clone());
     for consumer in ["hearth-security", "hearth-notify"] {
-        let deadline = tokio::time::Instant::now() + PROMPTLY;
-        while js
-            .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
-                consumer,
-                "HEARTH_EVENTS",
-            )
-            .await
-            .is_err()
-        {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no consumer {consumer}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        common::wait_for_consumer(&js, consumer, PROMPTLY).await;
     }
 
-    let siren = tokio::process::Command::new("mosquitto_sub")
-        .args(["-h", "127.0.0.1", "-p", &port, "-i", "siren", "-q", "1"])
-        .args([
-            "-t",
-            "hearth/home/hall/siren/set",
-            "-v",
-            "-C",
-            "1",
-            "-W",
-            "30",
-        ])
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("run mosquitto_sub");
-    let keypad = tokio::process::Command::new("mosquitto_sub")
-        .args(["-h", "127.0.0.1", "-p", &port, "-i", "keypad", "-q", "1"])
-        .args(["-t", "hearth/home/alarm/state", "-v", "-C", "4", "-W", "30"])
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("run mosquitto_sub");
+    let siren = common::spawn_mosquitto_sub(mqtt, "siren", &["hearth/home/hall/siren/set"], 1, 30);
+    let keypad = common::spawn_mosquitto_sub(mqtt, "keypad", &["hearth/home/alarm/state"], 4, 30);
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    mosquitto_pub(
-        &port,
+    common::mosquitto_pub(
+        mqtt,
         "hearth/home/alarm/set",
         r#"{"action":"arm_away","code":"1234"}"#,
     )
     .await;
-    let deadline = tokio::time::Instant::now() + PROMPTLY;
-    loop {
-        let reply = client
-            .request("hearth.alarm.home", "status".into())
-            .await
-            .unwrap();
-        if String::from_utf8_lossy(&reply.payload).contains("armed_away") {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "never armed");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    mosquitto_pub(&port, "hearth/home/hall/door/contact", r#"{"open":true}"#).await;
+    common::wait_until(
+        PROMPTLY,
+        "the alarm armed away",
+        async || {
+            let reply = client
+                .request("hearth.alarm.home", "status".into())
+                .await
+                .unwrap();
+            String::from_utf8_lossy(&reply.payload).into_owned()
+        },
+        |status| status.contains("armed_away"),
+    )
+    .await;
+    common::mosquitto_pub(mqtt, "hearth/home/hall/door/contact", r#"{"open":true}"#).await;
 
-    let output = tokio::time::timeout(PROMPTLY, siren.wait_with_output())
-        .await
-        .expect("the siren is commanded over MQTT")
-        .unwrap();
-    let text = String::from_utf8_lossy(&output.stdout);
+    let text =
+        common::mosquitto_sub_output(siren, PROMPTLY, "the siren is commanded over MQTT").await;
     assert!(text.starts_with("hearth/home/hall/siren/set {"), "{text}");
     assert!(text.contains(r#""on":true"#), "{text}");
 
-    let deadline = tokio::time::Instant::now() + PROMPTLY;
-    while received.lock().unwrap().is_empty() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the webhook was not called"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::wait_until(
+        PROMPTLY,
+        "the webhook to be called",
+        async || received.lock().unwrap().len(),
+        |calls| *calls > 0,
+    )
+    .await;
     // Nothing more comes (no second call for the same break-in).
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let calls = received.lock().unwrap().clone();
@@ -231,13 +149,10 @@ async fn a_break_in_sounds_the_siren_over_mqtt_and_calls_the_webhook_once() {
     );
 
     // The keypad saw the whole story on the retained state topic.
-    let output = tokio::time::timeout(PROMPTLY, keypad.wait_with_output())
-        .await
-        .expect("the keypad saw four states")
-        .unwrap();
+    let output = common::mosquitto_sub_output(keypad, PROMPTLY, "the keypad saw four states").await;
     rules.kill().await.unwrap();
     gateway.shutdown().await;
-    let states: Vec<String> = String::from_utf8_lossy(&output.stdout)
+    let states: Vec<String> = output
         .lines()
         .filter_map(|line| {
             line.strip_prefix("hearth/home/alarm/state ")

@@ -3,10 +3,13 @@
 //! is; lights already on are not commanded again; an off time that came
 //! while the rule was down fires when it is back.
 
+mod common;
+
 use std::path::Path;
 use std::time::Duration;
 
 use async_nats::jetstream;
+use common::PROMPTLY;
 use hearth_consumers::clock::Clock;
 use hearth_consumers::commands::Commands;
 use hearth_consumers::homes::Homes;
@@ -16,18 +19,6 @@ use hearth_proto::v1::{self, event::Body};
 use hearth_proto::Encoding;
 use hearth_test_support::TestNats;
 use tokio_util::sync::CancellationToken;
-
-const PROMPTLY: Duration = Duration::from_secs(10);
-
-async fn setup() -> (TestNats, jetstream::Context) {
-    let nats = TestNats::start().await;
-    let js = jetstream::new(async_nats::connect(nats.url()).await.unwrap());
-    let config = hearth_gateway::config::Config::default();
-    hearth_gateway::jetstream::streams::ensure(&js, &config.storage, &config.mqtt)
-        .await
-        .expect("streams");
-    (nats, js)
-}
 
 fn homes(off_after: &str) -> Homes {
     Homes::parse(
@@ -75,41 +66,13 @@ async fn start_on(
         .expect("the rule runs");
         let _ = timers.await;
     });
-    // The consumer exists before the events come (a rule reads new events).
-    let deadline = tokio::time::Instant::now() + PROMPTLY;
-    while js
-        .get_consumer_from_stream::<jetstream::consumer::pull::Config, _, _>(
-            lights::CONSUMER,
-            "HEARTH_EVENTS",
-        )
-        .await
-        .is_err()
-    {
-        assert!(tokio::time::Instant::now() < deadline, "no consumer");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::wait_for_consumer(js, lights::CONSUMER, PROMPTLY).await;
     (shutdown, task)
 }
 
+/// Stores an event of device `device` in the hall.
 async fn event(js: &jetstream::Context, id: &str, device: &str, body: Body) {
-    let kind = body.kind();
-    let event = v1::Event {
-        id: id.into(),
-        correlation_id: format!("corr-{id}"),
-        home: "home".into(),
-        room: "hall".into(),
-        device: device.into(),
-        body: Some(body),
-        ..Default::default()
-    };
-    let subject = hearth_proto::subject::event_subject("home", "hall", kind, device);
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert("Content-Type", Encoding::Json.content_type());
-    js.publish_with_headers(subject, headers, Encoding::Json.encode(&event))
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    common::publish_event(js, &common::device_event(id, "hall", device, body)).await;
 }
 
 fn light_state(on: bool) -> Body {
@@ -123,42 +86,38 @@ fn motion(detected: bool) -> Body {
     Body::Motion(v1::Motion { detected })
 }
 
-/// Every light command stored so far: (device, on, causation id).
-async fn commands(js: &jetstream::Context) -> Vec<(String, bool, String)> {
-    let mut stream = js.get_stream("HEARTH_COMMANDS").await.unwrap();
-    let state = stream.info().await.unwrap().state.clone();
-    let mut out = Vec::new();
-    if state.messages == 0 {
-        return out;
-    }
-    for sequence in state.first_sequence..=state.last_sequence {
-        let message = stream.get_raw_message(sequence).await.unwrap();
-        let command: v1::Command = Encoding::Json.decode(&message.payload).unwrap();
-        if let Some(v1::command::Body::LightSet(set)) = command.body {
-            out.push((command.device, set.on, command.causation_id));
-        }
-    }
-    out
+fn lux(lux: f64) -> Body {
+    Body::Illuminance(v1::Illuminance { lux })
 }
 
+/// Every light command stored so far: (device, on, causation id).
+async fn commands(js: &jetstream::Context) -> Vec<(String, bool, String)> {
+    common::stored_commands(js)
+        .await
+        .into_iter()
+        .filter_map(|command| match command.body {
+            Some(v1::command::Body::LightSet(set)) => {
+                Some((command.device, set.on, command.causation_id))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// Waits until at least `count` light commands are stored; returns them all.
 async fn wait_for_commands(js: &jetstream::Context, count: usize) -> Vec<(String, bool, String)> {
-    let deadline = tokio::time::Instant::now() + PROMPTLY;
-    loop {
-        let found = commands(js).await;
-        if found.len() >= count {
-            return found;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{count} commands expected, got {found:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::wait_until(
+        PROMPTLY,
+        format!("{count} light commands"),
+        async || commands(js).await,
+        |found| found.len() >= count,
+    )
+    .await
 }
 
 #[tokio::test]
 async fn motion_in_a_dark_room_turns_the_lights_on_then_off_after_the_delay() {
-    let (_nats, js) = setup().await;
+    let (_nats, js) = common::start_nats_with_streams().await;
     let (stop, task) = start(&js, homes("1s")).await;
     event(&js, "m1", "pir", motion(true)).await;
     let on = wait_for_commands(&js, 2).await;
@@ -188,39 +147,21 @@ async fn motion_in_a_dark_room_turns_the_lights_on_then_off_after_the_delay() {
 
 #[tokio::test]
 async fn a_bright_room_stays_as_it_is_and_lights_already_on_are_left_alone() {
-    let (_nats, js) = setup().await;
+    let (_nats, js) = common::start_nats_with_streams().await;
     let (stop, task) = start(&js, homes("1h")).await;
-    event(
-        &js,
-        "lux1",
-        "sensor",
-        Body::Illuminance(v1::Illuminance { lux: 500.0 }),
-    )
-    .await;
+    event(&js, "lux1", "sensor", lux(500.0)).await;
     event(&js, "m1", "pir", motion(true)).await;
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert!(commands(&js).await.is_empty(), "bright: nothing to do");
 
-    event(
-        &js,
-        "lux2",
-        "sensor",
-        Body::Illuminance(v1::Illuminance { lux: 5.0 }),
-    )
-    .await;
+    event(&js, "lux2", "sensor", lux(5.0)).await;
     event(&js, "m2", "pir", motion(true)).await;
     wait_for_commands(&js, 2).await;
     // The lights confirm; the room gets bright from them; motion again.
     for light in ["ceiling", "lamp"] {
         event(&js, &format!("{light}-on"), light, light_state(true)).await;
     }
-    event(
-        &js,
-        "lux3",
-        "sensor",
-        Body::Illuminance(v1::Illuminance { lux: 400.0 }),
-    )
-    .await;
+    event(&js, "lux3", "sensor", lux(400.0)).await;
     event(&js, "m3", "pir", motion(true)).await;
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert_eq!(
@@ -234,7 +175,7 @@ async fn a_bright_room_stays_as_it_is_and_lights_already_on_are_left_alone() {
 
 #[tokio::test]
 async fn a_light_switched_by_hand_leaves_the_room_alone_for_a_while() {
-    let (_nats, js) = setup().await;
+    let (_nats, js) = common::start_nats_with_streams().await;
     let homes = Homes::parse(
         Path::new("homes.toml"),
         "[homes.home.rooms.hall]\nlights = [\"ceiling\"]\noff_after = \"1h\"\noverride_for = \"1500ms\"\n",
@@ -263,7 +204,7 @@ async fn a_light_switched_by_hand_leaves_the_room_alone_for_a_while() {
 
 #[tokio::test]
 async fn an_off_time_that_came_while_the_rule_was_down_fires_when_it_is_back() {
-    let (_nats, js) = setup().await;
+    let (_nats, js) = common::start_nats_with_streams().await;
     let (stop, task) = start(&js, homes("2s")).await;
     event(&js, "m1", "pir", motion(true)).await;
     wait_for_commands(&js, 2).await;
@@ -293,7 +234,7 @@ async fn an_off_time_that_came_while_the_rule_was_down_fires_when_it_is_back() {
 
 #[tokio::test]
 async fn a_room_still_occupied_keeps_its_lights_until_the_sensor_clears() {
-    let (_nats, js) = setup().await;
+    let (_nats, js) = common::start_nats_with_streams().await;
     let clock = Clock::system();
     let homes = Homes::parse(
         Path::new("homes.toml"),
@@ -335,7 +276,7 @@ async fn a_room_still_occupied_keeps_its_lights_until_the_sensor_clears() {
 
 #[tokio::test]
 async fn at_night_motion_lights_even_a_bright_room_at_night_brightness() {
-    let (_nats, js) = setup().await;
+    let (_nats, js) = common::start_nats_with_streams().await;
     let clock = Clock::system();
     // Night from two to four hours from now (UTC), whatever the hour.
     let hour = |ahead: u64| {
@@ -352,13 +293,7 @@ async fn at_night_motion_lights_even_a_bright_room_at_night_brightness() {
     )
     .unwrap();
     let (stop, task) = start_on(&js, homes, clock.clone()).await;
-    event(
-        &js,
-        "lux",
-        "sensor",
-        Body::Illuminance(v1::Illuminance { lux: 900.0 }),
-    )
-    .await;
+    event(&js, "lux", "sensor", lux(900.0)).await;
     event(&js, "m1", "pir", motion(true)).await;
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert!(commands(&js).await.is_empty(), "bright by day: nothing");
@@ -372,22 +307,19 @@ async fn at_night_motion_lights_even_a_bright_room_at_night_brightness() {
 
 /// The brightness of every light command stored so far.
 async fn brightness(js: &jetstream::Context) -> Vec<Option<u32>> {
-    let mut stream = js.get_stream("HEARTH_COMMANDS").await.unwrap();
-    let state = stream.info().await.unwrap().state.clone();
-    let mut out = Vec::new();
-    for sequence in state.first_sequence..=state.last_sequence {
-        let message = stream.get_raw_message(sequence).await.unwrap();
-        let command: v1::Command = Encoding::Json.decode(&message.payload).unwrap();
-        if let Some(v1::command::Body::LightSet(set)) = command.body {
-            out.push(set.brightness_pct);
-        }
-    }
-    out
+    common::stored_commands(js)
+        .await
+        .into_iter()
+        .filter_map(|command| match command.body {
+            Some(v1::command::Body::LightSet(set)) => Some(set.brightness_pct),
+            _ => None,
+        })
+        .collect()
 }
 
 #[tokio::test]
 async fn every_light_of_the_home_goes_on_when_the_alarm_triggers() {
-    let (_nats, js) = setup().await;
+    let (_nats, js) = common::start_nats_with_streams().await;
     let homes = Homes::parse(
         Path::new("homes.toml"),
         "[homes.home.rooms.hall]\nlights = [\"ceiling\"]\n[homes.home.rooms.garden]\nlights = [\"flood\"]\n",
@@ -395,13 +327,7 @@ async fn every_light_of_the_home_goes_on_when_the_alarm_triggers() {
     .unwrap();
     let (stop, task) = start(&js, homes).await;
     // Bright, and switched by hand: neither matters to the alarm.
-    event(
-        &js,
-        "lux",
-        "sensor",
-        Body::Illuminance(v1::Illuminance { lux: 900.0 }),
-    )
-    .await;
+    event(&js, "lux", "sensor", lux(900.0)).await;
     event(&js, "by-hand", "ceiling", light_state(false)).await;
     let alarm = v1::Event {
         id: "alarm-1".into(),
@@ -415,17 +341,8 @@ async fn every_light_of_the_home_goes_on_when_the_alarm_triggers() {
         })),
         ..Default::default()
     };
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert("Content-Type", Encoding::Json.content_type());
-    js.publish_with_headers(
-        "hearth.evt.home._home.alarm_state.alarm",
-        headers,
-        Encoding::Json.encode(&alarm),
-    )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
+    // Stored on hearth.evt.home._home.alarm_state.alarm.
+    common::publish_event(&js, &alarm).await;
     let mut all = wait_for_commands(&js, 2).await;
     all.sort();
     assert_eq!(brightness(&js).await, [Some(100), Some(100)]);
@@ -444,59 +361,18 @@ async fn every_light_of_the_home_goes_on_when_the_alarm_triggers() {
 /// motion sensor and a real `mosquitto_sub` light.
 #[tokio::test]
 async fn end_to_end_a_motion_sensor_over_mqtt_switches_a_light_over_mqtt() {
-    assert!(
-        hearth_test_support::mosquitto_pub_available(),
-        "mosquitto_pub is missing: scripts/setup.sh installs mosquitto-clients"
-    );
+    common::require_mosquitto_clients();
     let nats = TestNats::start().await;
-    let mut config = hearth_gateway::config::Config::default();
-    config.auth.allow_anonymous = true;
-    config.nats.url = Some(nats.url());
-    config.mqtt.listen = "127.0.0.1:0".parse().unwrap();
-    config.http.listen = "127.0.0.1:0".parse().unwrap();
-    let gateway = hearth_gateway::Gateway::start(config)
-        .await
-        .expect("gateway");
+    let gateway = common::start_gateway(&nats).await;
     let js = jetstream::new(async_nats::connect(nats.url()).await.unwrap());
     let (stop, task) = start(&js, homes("1h")).await;
 
-    let port = gateway.mqtt_addr().port().to_string();
-    let light = tokio::process::Command::new("mosquitto_sub")
-        .args(["-h", "127.0.0.1", "-p", &port, "-i", "ceiling", "-q", "1"])
-        .args(["-t", "hearth/home/hall/+/set", "-v", "-C", "2", "-W", "20"])
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("run mosquitto_sub");
-    // Subscribed once the gateway counts the subscription.
-    let deadline = tokio::time::Instant::now() + PROMPTLY;
-    while !health(gateway.http_addr())
-        .await
-        .contains("\"mqtt_subscriptions\":1")
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "mosquitto_sub did not subscribe"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let status = tokio::process::Command::new("mosquitto_pub")
-        .args(["-h", "127.0.0.1", "-p", &port, "-q", "1"])
-        .args([
-            "-t",
-            "hearth/home/hall/pir/motion",
-            "-m",
-            r#"{"detected":true}"#,
-        ])
-        .status()
-        .await
-        .expect("run mosquitto_pub");
-    assert!(status.success());
-    let output = tokio::time::timeout(Duration::from_secs(30), light.wait_with_output())
-        .await
-        .expect("both lights commanded")
-        .unwrap();
-    let text = String::from_utf8_lossy(&output.stdout);
+    let mqtt = gateway.mqtt_addr();
+    let light = common::spawn_mosquitto_sub(mqtt, "ceiling", &["hearth/home/hall/+/set"], 2, 20);
+    common::wait_for_mqtt_subscriptions(&gateway, 1).await;
+    common::mosquitto_pub(mqtt, "hearth/home/hall/pir/motion", r#"{"detected":true}"#).await;
+    let text =
+        common::mosquitto_sub_output(light, Duration::from_secs(30), "both lights commanded").await;
     for device in ["ceiling", "lamp"] {
         let line = text
             .lines()
@@ -507,16 +383,4 @@ async fn end_to_end_a_motion_sensor_over_mqtt_switches_a_light_over_mqtt() {
     stop.cancel();
     task.await.unwrap();
     gateway.shutdown().await;
-}
-
-async fn health(addr: std::net::SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    response
 }

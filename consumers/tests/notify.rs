@@ -4,6 +4,8 @@
 //! NATS, HTTP and MQTT-style events, dedup, rate limits, quiet hours and a
 //! restart half-way.
 
+mod common;
+
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -13,17 +15,16 @@ use std::time::Duration;
 use async_nats::jetstream;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri};
+use common::PROMPTLY;
 use hearth_consumers::clock::Clock;
 use hearth_consumers::homes::Homes;
 use hearth_consumers::notify::{self, NotifyError, Options};
 use hearth_proto::v1::{self, event::Body, Severity};
 use hearth_proto::Encoding;
-use hearth_test_support::TestNats;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio_util::sync::CancellationToken;
 
-const PROMPTLY: Duration = Duration::from_secs(10);
 /// Long enough for the rule to have acted (its worker looks every 250 ms).
 const SETTLE: Duration = Duration::from_millis(900);
 
@@ -112,20 +113,15 @@ impl Receiver {
         self.received(path).len()
     }
 
+    /// Waits until `path` got at least `count` requests; returns them all.
     async fn wait_for(&self, path: &str, count: usize) -> Vec<Captured> {
-        let deadline = tokio::time::Instant::now() + PROMPTLY;
-        loop {
-            let found = self.received(path);
-            if found.len() >= count {
-                return found;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{count} requests to {path} expected, got {}: {found:#?}",
-                found.len()
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        common::wait_until(
+            PROMPTLY,
+            format!("{count} requests to {path}"),
+            async || self.received(path),
+            |found| found.len() >= count,
+        )
+        .await
     }
 }
 
@@ -211,34 +207,20 @@ impl SmtpSink {
         Self { addr, messages }
     }
 
+    /// Waits until at least `count` e-mails came; returns them all.
     async fn wait_for(&self, count: usize) -> Vec<String> {
-        let deadline = tokio::time::Instant::now() + PROMPTLY;
-        loop {
-            let found = self.messages.lock().unwrap().clone();
-            if found.len() >= count {
-                return found;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{count} e-mails expected, got {found:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        common::wait_until(
+            PROMPTLY,
+            format!("{count} e-mails"),
+            async || self.messages.lock().unwrap().clone(),
+            |found| found.len() >= count,
+        )
+        .await
     }
 }
 
 // ---------------------------------------------------------------------------
 // The rule, its configuration and its streams.
-
-async fn setup() -> (TestNats, jetstream::Context) {
-    let nats = TestNats::start().await;
-    let js = jetstream::new(async_nats::connect(nats.url()).await.unwrap());
-    let config = hearth_gateway::config::Config::default();
-    hearth_gateway::jetstream::streams::ensure(&js, &config.storage, &config.mqtt)
-        .await
-        .expect("streams");
-    (nats, js)
-}
 
 fn homes(notify: &str) -> Arc<Homes> {
     homes_with("", notify)
@@ -295,7 +277,7 @@ async fn start(
     http: Option<SocketAddr>,
 ) -> Running {
     let stop = CancellationToken::new();
-    let task = tokio::spawn(notify::run(
+    let mut task = tokio::spawn(notify::run(
         js.clone(),
         homes,
         Encoding::Json,
@@ -304,42 +286,20 @@ async fn start(
         stop.clone(),
     ));
     // The consumer exists before the events come (a rule reads new events).
-    let deadline = tokio::time::Instant::now() + PROMPTLY;
-    while js
-        .get_consumer_from_stream::<jetstream::consumer::pull::Config, _, _>(
-            notify::CONSUMER,
-            "HEARTH_EVENTS",
-        )
-        .await
-        .is_err()
-    {
-        assert!(!task.is_finished(), "the rule ended: {:?}", task.await);
-        assert!(tokio::time::Instant::now() < deadline, "no consumer");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    tokio::select! {
+        () = common::wait_for_consumer(js, notify::CONSUMER, PROMPTLY) => {}
+        ended = &mut task => panic!("the rule ended: {ended:?}"),
     }
     Running { stop, task }
 }
 
+/// Stores an event of `room/device` caused by `cause-<id>`.
 async fn publish(js: &jetstream::Context, id: &str, room: &str, device: &str, body: Body) {
-    let kind = body.kind();
     let event = v1::Event {
-        id: id.into(),
-        correlation_id: format!("corr-{id}"),
         causation_id: format!("cause-{id}"),
-        home: "home".into(),
-        room: room.into(),
-        device: device.into(),
-        body: Some(body),
-        ..Default::default()
+        ..common::device_event(id, room, device, body)
     };
-    let subject = hearth_proto::subject::event_subject("home", room, kind, device);
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert("Content-Type", Encoding::Json.content_type());
-    js.publish_with_headers(subject, headers, Encoding::Json.encode(&event))
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    common::publish_event(js, &event).await;
 }
 
 /// A notification request as the security rule stores one.
@@ -366,24 +326,23 @@ async fn notification(
     .await;
 }
 
-/// Every event in HEARTH_EVENTS.
-async fn events(js: &jetstream::Context) -> Vec<v1::Event> {
-    let mut stream = js.get_stream("HEARTH_EVENTS").await.unwrap();
-    let state = stream.info().await.unwrap().state.clone();
-    let mut out = Vec::new();
-    if state.messages == 0 {
-        return out;
-    }
-    for sequence in state.first_sequence..=state.last_sequence {
-        let message = stream.get_raw_message(sequence).await.unwrap();
-        out.push(Encoding::Json.decode(&message.payload).unwrap());
-    }
-    out
+/// The critical "Alarm" notification the security rule stores when the
+/// alarm triggers.
+async fn alarm_notification(js: &jetstream::Context, id: &str) {
+    notification(
+        js,
+        id,
+        "hearth-security",
+        Severity::Critical,
+        "alarm_triggered",
+        "Alarm",
+    )
+    .await;
 }
 
 /// The delivery outcomes stored, with their events.
 async fn deliveries(js: &jetstream::Context) -> Vec<(v1::Event, v1::NotificationDelivery)> {
-    events(js)
+    common::stored_events(js)
         .await
         .into_iter()
         .filter_map(|event| match event.body.clone() {
@@ -393,27 +352,24 @@ async fn deliveries(js: &jetstream::Context) -> Vec<(v1::Event, v1::Notification
         .collect()
 }
 
+/// Waits until at least `count` delivery outcomes are stored; returns them
+/// all.
 async fn wait_for_deliveries(
     js: &jetstream::Context,
     count: usize,
 ) -> Vec<(v1::Event, v1::NotificationDelivery)> {
-    let deadline = tokio::time::Instant::now() + PROMPTLY;
-    loop {
-        let found = deliveries(js).await;
-        if found.len() >= count {
-            return found;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{count} delivery outcomes expected, got {found:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::wait_until(
+        PROMPTLY,
+        format!("{count} delivery outcomes"),
+        async || deliveries(js).await,
+        |found| found.len() >= count,
+    )
+    .await
 }
 
 /// The notifications stored by the rule itself.
 async fn own_notifications(js: &jetstream::Context) -> Vec<(v1::Event, v1::Notification)> {
-    events(js)
+    common::stored_events(js)
         .await
         .into_iter()
         .filter_map(|event| match event.body.clone() {
@@ -432,25 +388,22 @@ async fn own_notifications(js: &jetstream::Context) -> Vec<(v1::Event, v1::Notif
 
 /// Waits until the rule has handled every event stored so far.
 async fn consumed(js: &jetstream::Context) {
-    let deadline = tokio::time::Instant::now() + PROMPTLY;
-    loop {
-        let mut consumer = js
-            .get_consumer_from_stream::<jetstream::consumer::pull::Config, _, _>(
-                notify::CONSUMER,
-                "HEARTH_EVENTS",
-            )
-            .await
-            .unwrap();
-        let info = consumer.info().await.unwrap();
-        if info.num_pending == 0 && info.num_ack_pending == 0 {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "events left: {info:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    common::wait_until(
+        PROMPTLY,
+        "no events left to the rule",
+        async || {
+            let mut consumer = js
+                .get_consumer_from_stream::<jetstream::consumer::pull::Config, _, _>(
+                    notify::CONSUMER,
+                    "HEARTH_EVENTS",
+                )
+                .await
+                .unwrap();
+            consumer.info().await.unwrap().clone()
+        },
+        |info| info.num_pending == 0 && info.num_ack_pending == 0,
+    )
+    .await;
 }
 
 /// Moves the clock on by `step` until `done`, giving the rule a tick in
@@ -477,27 +430,16 @@ async fn ack_over_nats(js: &jetstream::Context, id: &str, recipient: &str) -> Va
 
 /// A bare HTTP/1.1 request; the status and the body.
 async fn http(addr: SocketAddr, method: &str, target: &str) -> (u16, Value) {
-    use tokio::io::AsyncReadExt;
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(
-            format!("{method} {target} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    let status = response[9..12].parse().unwrap();
-    let body = response.split_once("\r\n\r\n").unwrap().1;
-    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+    let response = common::http_request(addr, method, target).await;
+    let body = serde_json::from_str(&response.body).unwrap_or(Value::Null);
+    (response.status, body)
 }
 
 // ---------------------------------------------------------------------------
 
 #[tokio::test]
 async fn a_critical_notification_goes_to_every_recipients_first_channel() {
-    let (_nats, js) = setup().await;
+    let (_nats, js) = common::start_nats_with_streams().await;
     let receiver = Receiver::start().await;
     let clock = Clock::system();
     let config = webhooks(&receiver, &[("alice", 2, ""), ("bob", 1, "")]);
@@ -518,15 +460,7 @@ async fn a_critical_notification_goes_to_every_recipients_first_channel() {
         .as_deref()
         .is_some_and(|d| d.starts_with("hearth notify")));
 
-    notification(
-        &js,
-        "n1",
-        "hearth-security",
-        Severity::Critical,
-        "alarm_triggered",
-        "Alarm",
-    )
-    .await;
+    alarm_notification(&js, "n1").await;
     let alice = receiver.wait_for("/alice-1", 1).await;
     let bob = receiver.wait_for("/bob-1", 1).await;
     let body = alice[0].json();
@@ -578,7 +512,7 @@ async fn a_critical_notification_goes_to_every_recipients_first_channel() {
 
 #[tokio::test]
 async fn device_conditions_become_notifications_on_every_kind_of_channel() {
-    let (_nats, js) = setup().await;
+    let (_nats, js) = common::start_nats_with_streams().await;
     let receiver = Receiver::start().await;
     let smtp = SmtpSink::start().await;
     let clock = Clock::system();
@@ -757,15 +691,13 @@ kind = "log"
             .map(|(e, _)| (e.room, e.device))
             .collect::<Vec<(String, String)>>()
     };
-    let deadline = tokio::time::Instant::now() + PROMPTLY;
-    while silent_ones().await.len() < 4 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{:?}",
-            silent_ones().await
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::wait_until(
+        PROMPTLY,
+        "4 sensor_silent notifications",
+        silent_ones,
+        |silent| silent.len() >= 4,
+    )
+    .await;
     tokio::time::sleep(SETTLE).await;
     let silent = silent_ones().await;
     assert_eq!(silent.len(), 4, "{silent:?}");
@@ -779,7 +711,7 @@ kind = "log"
 
 #[tokio::test]
 async fn a_failing_webhook_is_retried_until_it_answers() {
-    let (_nats, js) = setup().await;
+    let (_nats, js) = common::start_nats_with_streams().await;
     let receiver = Receiver::start().await;
     receiver.answer("/alice-1", &[500, 500]);
     let clock = Clock::system();
@@ -824,7 +756,7 @@ async fn a_failing_webhook_is_retried_until_it_answers() {
 
 #[tokio::test]
 async fn a_channel_that_keeps_failing_ends_in_the_dead_letter_queue() {
-    let (_nats, js) = setup().await;
+    let (_nats, js) = common::start_nats_with_streams().await;
     let receiver = Receiver::start().await;
     receiver.always("/alice-1", 503);
     receiver.always("/bob-1", 404);
@@ -862,11 +794,13 @@ async fn a_channel_that_keeps_failing_ends_in_the_dead_letter_queue() {
     assert_eq!(outcomes[1].attempts, 1, "{outcomes:?}");
 
     let mut dlq = js.get_stream("HEARTH_DLQ").await.unwrap();
-    let deadline = tokio::time::Instant::now() + PROMPTLY;
-    while dlq.info().await.unwrap().state.messages < 2 {
-        assert!(tokio::time::Instant::now() < deadline, "no dead letters");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::wait_until(
+        PROMPTLY,
+        "2 dead letters in HEARTH_DLQ",
+        async || dlq.info().await.unwrap().state.messages,
+        |&messages| messages >= 2,
+    )
+    .await;
     let mut letters = Vec::new();
     for sequence in 1..=2 {
         letters.push(dlq.get_raw_message(sequence).await.unwrap());
@@ -908,7 +842,7 @@ async fn a_channel_that_keeps_failing_ends_in_the_dead_letter_queue() {
 
 #[tokio::test]
 async fn an_unacknowledged_critical_notification_escalates_on_schedule() {
-    let (_nats, js) = setup().await;
+    let (_nats, js) = common::start_nats_with_streams().await;
     let receiver = Receiver::start().await;
     let clock = Clock::system();
     let config = format!(
@@ -923,15 +857,7 @@ async fn an_unacknowledged_critical_notification_escalates_on_schedule() {
         )
     );
     let rule = start(&js, homes(&config), &clock, None).await;
-    notification(
-        &js,
-        "n1",
-        "hearth-security",
-        Severity::Critical,
-        "alarm_triggered",
-        "Alarm",
-    )
-    .await;
+    alarm_notification(&js, "n1").await;
     receiver.wait_for("/alice-1", 1).await;
     receiver.wait_for("/bob-1", 1).await;
     tokio::time::sleep(SETTLE).await;
@@ -981,6 +907,23 @@ fn two_with_reminders(receiver: &Receiver) -> String {
     )
 }
 
+/// Starts the rule with [`two_with_reminders`] (and HTTP on `http`) and
+/// waits until the alarm notification `n1` reached alice's and bob's first
+/// channels.
+async fn alarm_delivered_to_both(
+    js: &jetstream::Context,
+    receiver: &Receiver,
+    clock: &Clock,
+    http: Option<SocketAddr>,
+) -> Running {
+    let rule = start(js, homes(&two_with_reminders(receiver)), clock, http).await;
+    alarm_notification(js, "n1").await;
+    receiver.wait_for("/alice-1", 1).await;
+    receiver.wait_for("/bob-1", 1).await;
+    wait_for_deliveries(js, 2).await;
+    rule
+}
+
 /// After the acknowledgement: both got a done message, nobody a reminder.
 async fn acknowledged(receiver: &Receiver, clock: &Clock, by: &str) {
     let alice = receiver.wait_for("/alice-1", 2).await;
@@ -1013,29 +956,17 @@ async fn acknowledged(receiver: &Receiver, clock: &Clock, by: &str) {
 
 #[tokio::test]
 async fn an_acknowledgement_over_nats_stops_escalation_and_sends_done() {
-    let (_nats, js) = setup().await;
+    let (_nats, js) = common::start_nats_with_streams().await;
     let receiver = Receiver::start().await;
     let clock = Clock::system();
-    let rule = start(&js, homes(&two_with_reminders(&receiver)), &clock, None).await;
-    notification(
-        &js,
-        "n1",
-        "hearth-security",
-        Severity::Critical,
-        "alarm_triggered",
-        "Alarm",
-    )
-    .await;
-    receiver.wait_for("/alice-1", 1).await;
-    receiver.wait_for("/bob-1", 1).await;
-    wait_for_deliveries(&js, 2).await;
+    let rule = alarm_delivered_to_both(&js, &receiver, &clock, None).await;
 
     assert_eq!(
         ack_over_nats(&js, "n1", "bob").await,
         serde_json::json!({"ok": true})
     );
     acknowledged(&receiver, &clock, "bob via nats").await;
-    let acks: Vec<v1::NotificationAck> = events(&js)
+    let acks: Vec<v1::NotificationAck> = common::stored_events(&js)
         .await
         .into_iter()
         .filter_map(|e| match e.body {
@@ -1087,31 +1018,13 @@ async fn an_acknowledgement_over_nats_stops_escalation_and_sends_done() {
 
 #[tokio::test]
 async fn an_acknowledgement_over_http_stops_escalation_and_sends_done() {
-    let (_nats, js) = setup().await;
+    let (_nats, js) = common::start_nats_with_streams().await;
     let receiver = Receiver::start().await;
     let clock = Clock::system();
     let addr: SocketAddr = format!("127.0.0.1:{}", hearth_test_support::free_port())
         .parse()
         .unwrap();
-    let rule = start(
-        &js,
-        homes(&two_with_reminders(&receiver)),
-        &clock,
-        Some(addr),
-    )
-    .await;
-    notification(
-        &js,
-        "n1",
-        "hearth-security",
-        Severity::Critical,
-        "alarm_triggered",
-        "Alarm",
-    )
-    .await;
-    receiver.wait_for("/alice-1", 1).await;
-    receiver.wait_for("/bob-1", 1).await;
-    wait_for_deliveries(&js, 2).await;
+    let rule = alarm_delivered_to_both(&js, &receiver, &clock, Some(addr)).await;
 
     let (status, shown) = http(addr, "GET", "/notifications/n1").await;
     assert_eq!(status, 200);
@@ -1157,22 +1070,10 @@ async fn an_acknowledgement_over_http_stops_escalation_and_sends_done() {
 
 #[tokio::test]
 async fn an_acknowledgement_over_mqtt_stops_escalation_and_sends_done() {
-    let (_nats, js) = setup().await;
+    let (_nats, js) = common::start_nats_with_streams().await;
     let receiver = Receiver::start().await;
     let clock = Clock::system();
-    let rule = start(&js, homes(&two_with_reminders(&receiver)), &clock, None).await;
-    notification(
-        &js,
-        "n1",
-        "hearth-security",
-        Severity::Critical,
-        "alarm_triggered",
-        "Alarm",
-    )
-    .await;
-    receiver.wait_for("/alice-1", 1).await;
-    receiver.wait_for("/bob-1", 1).await;
-    wait_for_deliveries(&js, 2).await;
+    let rule = alarm_delivered_to_both(&js, &receiver, &clock, None).await;
     // What the gateway stores for `hearth/home/hall/panel/notification_ack`.
     publish(
         &js,
@@ -1195,7 +1096,7 @@ async fn an_acknowledgement_over_mqtt_stops_escalation_and_sends_done() {
 
 #[tokio::test]
 async fn the_same_category_and_device_within_the_dedup_window_is_told_once() {
-    let (_nats, js) = setup().await;
+    let (_nats, js) = common::start_nats_with_streams().await;
     let receiver = Receiver::start().await;
     let clock = Clock::system();
     let config = format!(
@@ -1267,7 +1168,7 @@ async fn the_same_category_and_device_within_the_dedup_window_is_told_once() {
 
 #[tokio::test]
 async fn a_rate_limit_holds_the_rest_back_and_sends_a_summary() {
-    let (_nats, js) = setup().await;
+    let (_nats, js) = common::start_nats_with_streams().await;
     let receiver = Receiver::start().await;
     let clock = Clock::system();
     // No reminders of the critical one in between.
@@ -1320,7 +1221,7 @@ async fn a_rate_limit_holds_the_rest_back_and_sends_a_summary() {
 
 #[tokio::test]
 async fn quiet_hours_hold_non_critical_ones_and_let_critical_ones_through() {
-    let (_nats, js) = setup().await;
+    let (_nats, js) = common::start_nats_with_streams().await;
     let receiver = Receiver::start().await;
     let clock = Clock::system();
     // Quiet from an hour ago to an hour from now, in UTC.
@@ -1349,15 +1250,7 @@ async fn quiet_hours_hold_non_critical_ones_and_let_critical_ones_through() {
     )
     .await;
     receiver.wait_for("/bob-1", 1).await;
-    notification(
-        &js,
-        "c1",
-        "hearth-security",
-        Severity::Critical,
-        "alarm_triggered",
-        "Alarm",
-    )
-    .await;
+    alarm_notification(&js, "c1").await;
     let alice = receiver.wait_for("/alice-1", 1).await;
     assert_eq!(
         alice[0].json()["title"],
@@ -1386,7 +1279,7 @@ async fn quiet_hours_hold_non_critical_ones_and_let_critical_ones_through() {
 
 #[tokio::test]
 async fn a_restarted_rule_sends_nothing_twice_and_resumes_its_escalation() {
-    let (_nats, js) = setup().await;
+    let (_nats, js) = common::start_nats_with_streams().await;
     let receiver = Receiver::start().await;
     let clock = Clock::system();
     let config = format!(
@@ -1395,15 +1288,7 @@ async fn a_restarted_rule_sends_nothing_twice_and_resumes_its_escalation() {
     );
     let rule = start(&js, homes(&config), &clock, None).await;
     receiver.answer("/bob-1", &[500]);
-    notification(
-        &js,
-        "n1",
-        "hearth-security",
-        Severity::Critical,
-        "alarm_triggered",
-        "Alarm",
-    )
-    .await;
+    alarm_notification(&js, "n1").await;
     receiver.wait_for("/alice-1", 1).await;
     receiver.wait_for("/bob-1", 1).await;
     wait_for_deliveries(&js, 1).await;
@@ -1474,7 +1359,7 @@ async fn a_restarted_rule_sends_nothing_twice_and_resumes_its_escalation() {
 
 #[tokio::test]
 async fn an_invalid_configuration_is_refused_at_start_with_the_problem_named() {
-    let (_nats, js) = setup().await;
+    let (_nats, js) = common::start_nats_with_streams().await;
     // Refused when the homes file is read, naming the home, the recipient,
     // the channel and the problem.
     let error = Homes::parse(

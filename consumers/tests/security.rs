@@ -5,13 +5,14 @@
 //! restarts, and redelivery never acting twice. Delays run on an adjusted
 //! clock, so minutes take milliseconds.
 
+mod common;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use argon2::password_hash::{PasswordHasher, SaltString};
-use argon2::{Algorithm, Argon2, Params, Version};
 use async_nats::jetstream;
+use common::{device_event, publish_event, PROMPTLY};
 use hearth_consumers::clock::Clock;
 use hearth_consumers::commands::Commands;
 use hearth_consumers::events::Events;
@@ -24,28 +25,11 @@ use hearth_proto::Encoding;
 use hearth_test_support::TestNats;
 use tokio_util::sync::CancellationToken;
 
-const PROMPTLY: Duration = Duration::from_secs(10);
-
+/// A nats-server with hearth's streams; JetStream and the plain client.
 async fn setup() -> (TestNats, jetstream::Context, async_nats::Client) {
-    let nats = TestNats::start().await;
-    let client = async_nats::connect(nats.url()).await.unwrap();
-    let js = jetstream::new(client.clone());
-    let config = hearth_gateway::config::Config::default();
-    hearth_gateway::jetstream::streams::ensure(&js, &config.storage, &config.mqtt)
-        .await
-        .expect("streams");
+    let (nats, js) = common::start_nats_with_streams().await;
+    let client = js.client();
     (nats, js, client)
-}
-
-/// A cheap Argon2id hash (tests run unoptimised; the real default costs
-/// ~50 ms per check in release builds).
-fn hash(code: &str) -> String {
-    let params = Params::new(64, 1, 1, None).unwrap();
-    let salt = SaltString::encode_b64(b"hearth-test-salt").unwrap();
-    Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
-        .hash_password(code.as_bytes(), &salt)
-        .unwrap()
-        .to_string()
 }
 
 fn homes(extra: &str) -> Arc<Homes> {
@@ -68,7 +52,7 @@ fn homes(extra: &str) -> Arc<Homes> {
         [homes.home.security.zones."kitchen/smoke"]
         type = "24h"
         "#,
-        hash("1234")
+        common::cheap_code_hash("1234")
     );
     Arc::new(Homes::parse(Path::new("homes.toml"), &text).unwrap())
 }
@@ -126,89 +110,25 @@ async fn start(
         let _ = timers.await;
         panel.await.unwrap().expect("the panel serves");
     });
-    let deadline = tokio::time::Instant::now() + PROMPTLY;
-    while js
-        .get_consumer_from_stream::<jetstream::consumer::pull::Config, _, _>(
-            security::CONSUMER,
-            "HEARTH_EVENTS",
-        )
-        .await
-        .is_err()
-    {
-        assert!(tokio::time::Instant::now() < deadline, "no consumer");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::wait_for_consumer(js, security::CONSUMER, PROMPTLY).await;
     // The panel answers once subscribed.
     request(client, r#"{"action":"status"}"#).await;
     (shutdown, task)
 }
 
+/// The panel's reply to `body`, asked again until it answers.
 async fn request(client: &async_nats::Client, body: &str) -> Reply {
-    let deadline = tokio::time::Instant::now() + PROMPTLY;
-    loop {
-        match client
-            .request("hearth.alarm.home", body.to_owned().into())
-            .await
-        {
-            Ok(message) => return serde_json::from_slice(&message.payload).unwrap(),
-            Err(error) => {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "no answer from the panel: {error}"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
-}
-
-fn sensor_event(id: &str, room: &str, device: &str, body: Body) -> v1::Event {
-    v1::Event {
-        id: id.into(),
-        correlation_id: format!("corr-{id}"),
-        home: "home".into(),
-        room: room.into(),
-        device: device.into(),
-        body: Some(body),
-        ..Default::default()
-    }
-}
-
-async fn publish(js: &jetstream::Context, event: &v1::Event) {
-    let kind = event.body.as_ref().unwrap().kind();
-    let subject =
-        hearth_proto::subject::event_subject(&event.home, &event.room, kind, &event.device);
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert("Content-Type", Encoding::Json.content_type());
-    js.publish_with_headers(subject, headers, Encoding::Json.encode(event))
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    let answer = common::ask_alarm_panel(client, body, PROMPTLY).await;
+    serde_json::from_slice(&answer.payload).unwrap()
 }
 
 fn door(open: bool) -> Body {
     Body::Contact(v1::Contact { open })
 }
 
-/// Every event of HEARTH_EVENTS.
-async fn events(js: &jetstream::Context) -> Vec<v1::Event> {
-    let mut stream = js.get_stream("HEARTH_EVENTS").await.unwrap();
-    let state = stream.info().await.unwrap().state.clone();
-    let mut out = Vec::new();
-    if state.messages == 0 {
-        return out;
-    }
-    for sequence in state.first_sequence..=state.last_sequence {
-        let message = stream.get_raw_message(sequence).await.unwrap();
-        out.push(Encoding::Json.decode(&message.payload).unwrap());
-    }
-    out
-}
-
 /// The alarm states stored so far, as names (`pending`, ...).
 async fn states(js: &jetstream::Context) -> Vec<String> {
-    events(js)
+    common::stored_events(js)
         .await
         .into_iter()
         .filter_map(|event| match event.body {
@@ -224,46 +144,43 @@ async fn states(js: &jetstream::Context) -> Vec<String> {
         .collect()
 }
 
+/// Waits until the alarm states stored are exactly `expected`; fails at
+/// once when there are more.
 async fn wait_for_states(js: &jetstream::Context, expected: &[&str]) {
-    let deadline = tokio::time::Instant::now() + PROMPTLY;
-    loop {
-        let found = states(js).await;
-        if found == expected {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline && found.len() <= expected.len(),
-            "expected alarm states {expected:?}, got {found:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::wait_until(
+        PROMPTLY,
+        format!("the alarm states {expected:?}"),
+        async || states(js).await,
+        |found| {
+            assert!(
+                found.len() <= expected.len(),
+                "expected alarm states {expected:?}, got {found:?}"
+            );
+            found == expected
+        },
+    )
+    .await;
 }
 
 /// Siren commands stored so far: (device, on, causation id, correlation id).
 async fn sirens(js: &jetstream::Context) -> Vec<(String, bool, String, String)> {
-    let mut stream = js.get_stream("HEARTH_COMMANDS").await.unwrap();
-    let state = stream.info().await.unwrap().state.clone();
-    let mut out = Vec::new();
-    if state.messages == 0 {
-        return out;
-    }
-    for sequence in state.first_sequence..=state.last_sequence {
-        let message = stream.get_raw_message(sequence).await.unwrap();
-        let command: v1::Command = Encoding::Json.decode(&message.payload).unwrap();
-        if let Some(v1::command::Body::SirenSet(set)) = command.body {
-            out.push((
+    common::stored_commands(js)
+        .await
+        .into_iter()
+        .filter_map(|command| match command.body {
+            Some(v1::command::Body::SirenSet(set)) => Some((
                 format!("{}/{}", command.room, command.device),
                 set.on,
                 command.causation_id,
                 command.correlation_id,
-            ));
-        }
-    }
-    out
+            )),
+            _ => None,
+        })
+        .collect()
 }
 
 async fn notifications(js: &jetstream::Context) -> Vec<v1::Notification> {
-    events(js)
+    common::stored_events(js)
         .await
         .into_iter()
         .filter_map(|event| match event.body {
@@ -291,16 +208,18 @@ async fn a_door_opened_while_armed_away_is_pending_then_triggered_with_sirens_an
     let (stop, task) = start(&js, &client, homes(""), &clock).await;
     arm_away(&js, &client, &clock).await;
 
-    publish(&js, &sensor_event("door-1", "hall", "door", door(true))).await;
+    publish_event(&js, &device_event("door-1", "hall", "door", door(true))).await;
     wait_for_states(&js, &["arming", "armed_away", "pending"]).await;
     assert!(sirens(&js).await.is_empty(), "no siren in the entry delay");
     clock.advance(Duration::from_secs(31));
     wait_for_states(&js, &["arming", "armed_away", "pending", "triggered"]).await;
-    let deadline = tokio::time::Instant::now() + PROMPTLY;
-    while sirens(&js).await.len() < 2 {
-        assert!(tokio::time::Instant::now() < deadline, "no sirens");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::wait_until(
+        PROMPTLY,
+        "two sirens on",
+        async || sirens(&js).await,
+        |sirens| sirens.len() >= 2,
+    )
+    .await;
     let on = sirens(&js).await;
     assert_eq!(
         on,
@@ -337,14 +256,13 @@ async fn a_door_opened_while_armed_away_is_pending_then_triggered_with_sirens_an
         &["arming", "armed_away", "pending", "triggered", "armed_away"],
     )
     .await;
-    let deadline = tokio::time::Instant::now() + PROMPTLY;
-    while sirens(&js).await.len() < 4 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "sirens not switched off"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::wait_until(
+        PROMPTLY,
+        "the sirens switched off",
+        async || sirens(&js).await,
+        |sirens| sirens.len() >= 4,
+    )
+    .await;
     assert!(sirens(&js).await[2..].iter().all(|(_, on, _, _)| !on));
     let reply = request(&client, "status").await;
     assert_eq!(reply.state.as_deref(), Some("armed_away"));
@@ -358,7 +276,7 @@ async fn disarming_within_the_entry_delay_leaves_nothing_to_do() {
     let clock = Clock::system();
     let (stop, task) = start(&js, &client, homes(""), &clock).await;
     arm_away(&js, &client, &clock).await;
-    publish(&js, &sensor_event("door-1", "hall", "door", door(true))).await;
+    publish_event(&js, &device_event("door-1", "hall", "door", door(true))).await;
     wait_for_states(&js, &["arming", "armed_away", "pending"]).await;
     clock.advance(Duration::from_secs(10));
     let reply = request(&client, r#"{"action":"disarm","code":"1234"}"#).await;
@@ -372,7 +290,7 @@ async fn disarming_within_the_entry_delay_leaves_nothing_to_do() {
     );
     assert!(sirens(&js).await.is_empty());
     assert!(notifications(&js).await.is_empty());
-    let disarmed = events(&js)
+    let disarmed = common::stored_events(&js)
         .await
         .into_iter()
         .filter_map(|e| match e.body {
@@ -391,9 +309,9 @@ async fn smoke_while_disarmed_triggers() {
     let (_nats, js, client) = setup().await;
     let clock = Clock::system();
     let (stop, task) = start(&js, &client, homes(""), &clock).await;
-    publish(
+    publish_event(
         &js,
-        &sensor_event(
+        &device_event(
             "smoke-1",
             "kitchen",
             "smoke",
@@ -402,14 +320,13 @@ async fn smoke_while_disarmed_triggers() {
     )
     .await;
     wait_for_states(&js, &["triggered"]).await;
-    let deadline = tokio::time::Instant::now() + PROMPTLY;
-    while sirens(&js).await.len() < 2 || notifications(&js).await.is_empty() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no sirens or notification"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::wait_until(
+        PROMPTLY,
+        "two sirens and a notification",
+        async || (sirens(&js).await, notifications(&js).await),
+        |(sirens, notes)| sirens.len() >= 2 && !notes.is_empty(),
+    )
+    .await;
     // Disarmed again after the (disarmed) trigger time.
     clock.advance(Duration::from_secs(121));
     wait_for_states(&js, &["triggered", "disarmed"]).await;
@@ -436,7 +353,7 @@ async fn wrong_codes_are_refused_and_lock_the_panel() {
         "the right code is refused while locked"
     );
     assert_eq!(reply.state.as_deref(), Some("disarmed"));
-    let notices: Vec<String> = events(&js)
+    let notices: Vec<String> = common::stored_events(&js)
         .await
         .into_iter()
         .filter_map(|e| match e.body {
@@ -460,17 +377,21 @@ async fn open_zones_refuse_arming_and_force_bypasses_them_with_a_warning() {
     let (_nats, js, client) = setup().await;
     let clock = Clock::system();
     let (stop, task) = start(&js, &client, homes(""), &clock).await;
-    publish(&js, &sensor_event("w-1", "kitchen", "window", door(true))).await;
-    let deadline = tokio::time::Instant::now() + PROMPTLY;
-    let refusal = loop {
-        let reply = request(&client, r#"{"action":"arm_away","code":"1234"}"#).await;
-        if !reply.ok {
-            break reply;
-        }
-        // The window event not handled yet: disarm and try again.
-        assert!(tokio::time::Instant::now() < deadline, "never refused");
-        request(&client, r#"{"action":"disarm","code":"1234"}"#).await;
-    };
+    publish_event(&js, &device_event("w-1", "kitchen", "window", door(true))).await;
+    let refusal = common::wait_until(
+        PROMPTLY,
+        "arming refused",
+        async || {
+            let reply = request(&client, r#"{"action":"arm_away","code":"1234"}"#).await;
+            if reply.ok {
+                // The window event not handled yet: disarm and try again.
+                request(&client, r#"{"action":"disarm","code":"1234"}"#).await;
+            }
+            reply
+        },
+        |reply| !reply.ok,
+    )
+    .await;
     assert!(refusal.error.unwrap().contains("kitchen/window"));
     let reply = request(
         &client,
@@ -480,19 +401,21 @@ async fn open_zones_refuse_arming_and_force_bypasses_them_with_a_warning() {
     assert!(reply.ok, "{reply:?}");
     assert_eq!(reply.bypassed, ["kitchen/window"]);
     clock.advance(Duration::from_secs(61));
-    let deadline = tokio::time::Instant::now() + PROMPTLY;
-    while request(&client, "status").await.state.as_deref() != Some("armed_away") {
-        assert!(tokio::time::Instant::now() < deadline, "not armed");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    publish(&js, &sensor_event("w-2", "kitchen", "window", door(true))).await;
+    common::wait_until(
+        PROMPTLY,
+        "armed away",
+        async || request(&client, "status").await,
+        |reply| reply.state.as_deref() == Some("armed_away"),
+    )
+    .await;
+    publish_event(&js, &device_event("w-2", "kitchen", "window", door(true))).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
         request(&client, "status").await.state.as_deref(),
         Some("armed_away"),
         "bypassed"
     );
-    let bypassed = events(&js).await.into_iter().any(|e| {
+    let bypassed = common::stored_events(&js).await.into_iter().any(|e| {
         matches!(e.body, Some(Body::AlarmNotice(notice)) if notice.code == "zones_bypassed" && notice.zones == ["kitchen/window"])
     });
     assert!(bypassed, "a warning event names the bypassed zone");
@@ -506,7 +429,7 @@ async fn an_entry_delay_that_ended_while_the_rule_was_down_triggers_once_when_it
     let clock = Clock::system();
     let (stop, task) = start(&js, &client, homes(""), &clock).await;
     arm_away(&js, &client, &clock).await;
-    publish(&js, &sensor_event("door-1", "hall", "door", door(true))).await;
+    publish_event(&js, &device_event("door-1", "hall", "door", door(true))).await;
     wait_for_states(&js, &["arming", "armed_away", "pending"]).await;
     stop.cancel();
     task.await.unwrap();
@@ -543,7 +466,7 @@ async fn handling_an_event_again_with_the_old_state_stores_and_commands_nothing_
 
     let first = open(&js, &client, Arc::clone(&homes), &clock).await;
     let stale = open(&js, &client, Arc::clone(&homes), &clock).await;
-    let window = sensor_event("w-1", "kitchen", "window", door(true));
+    let window = device_event("w-1", "kitchen", "window", door(true));
     let received = Received {
         event: window,
         subject: "hearth.evt.home.kitchen.contact.window".into(),
@@ -587,77 +510,35 @@ async fn handling_an_event_again_with_the_old_state_stores_and_commands_nothing_
 /// Keypad, door sensor and siren are real MQTT clients of the real gateway.
 #[tokio::test]
 async fn end_to_end_a_keypad_arms_over_mqtt_and_a_door_sounds_the_siren_over_mqtt() {
-    assert!(
-        hearth_test_support::mosquitto_pub_available(),
-        "mosquitto_pub is missing: scripts/setup.sh installs mosquitto-clients"
-    );
+    common::require_mosquitto_clients();
     let nats = TestNats::start().await;
-    let mut config = hearth_gateway::config::Config::default();
-    config.auth.allow_anonymous = true;
-    config.nats.url = Some(nats.url());
-    config.mqtt.listen = "127.0.0.1:0".parse().unwrap();
-    config.http.listen = "127.0.0.1:0".parse().unwrap();
-    let gateway = hearth_gateway::Gateway::start(config)
-        .await
-        .expect("gateway");
+    let gateway = common::start_gateway(&nats).await;
     let client = async_nats::connect(nats.url()).await.unwrap();
     let js = jetstream::new(client.clone());
     let clock = Clock::system();
     let (stop, task) = start(&js, &client, homes(""), &clock).await;
-    let port = gateway.mqtt_addr().port().to_string();
+    let mqtt = gateway.mqtt_addr();
 
     // The keypad sees the state (retained), then arming.
-    let keypad = tokio::process::Command::new("mosquitto_sub")
-        .args(["-h", "127.0.0.1", "-p", &port, "-i", "keypad", "-q", "1"])
-        .args([
-            "-t",
-            "hearth/home/alarm/state",
-            "-t",
-            "hearth/home/alarm/result",
-        ])
-        .args(["-v", "-C", "3", "-W", "20"])
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("run mosquitto_sub");
-    let siren = tokio::process::Command::new("mosquitto_sub")
-        .args(["-h", "127.0.0.1", "-p", &port, "-i", "siren", "-q", "1"])
-        .args([
-            "-t",
-            "hearth/home/hall/siren/set",
-            "-v",
-            "-C",
-            "1",
-            "-W",
-            "30",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("run mosquitto_sub");
-    let deadline = tokio::time::Instant::now() + PROMPTLY;
-    while !health(gateway.http_addr())
-        .await
-        .contains("\"mqtt_subscriptions\":3")
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "mosquitto_sub did not subscribe"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    pub_mqtt(
-        &port,
+    let keypad = common::spawn_mosquitto_sub(
+        mqtt,
+        "keypad",
+        &["hearth/home/alarm/state", "hearth/home/alarm/result"],
+        3,
+        20,
+    );
+    let siren = common::spawn_mosquitto_sub(mqtt, "siren", &["hearth/home/hall/siren/set"], 1, 30);
+    common::wait_for_mqtt_subscriptions(&gateway, 3).await;
+    common::mosquitto_pub(
+        mqtt,
         "hearth/home/alarm/set",
         r#"{"action":"ARM_AWAY","code":"1234"}"#,
     )
     .await;
     wait_for_states(&js, &["arming"]).await;
-    let output = tokio::time::timeout(Duration::from_secs(30), keypad.wait_with_output())
-        .await
-        .expect("the keypad hears back")
-        .unwrap();
-    let text = String::from_utf8_lossy(&output.stdout);
+    let text =
+        common::mosquitto_sub_output(keypad, Duration::from_secs(30), "the keypad hears back")
+            .await;
     assert!(text.contains("hearth/home/alarm/state disarmed"), "{text}");
     assert!(text.contains("hearth/home/alarm/state arming"), "{text}");
     assert!(
@@ -665,59 +546,25 @@ async fn end_to_end_a_keypad_arms_over_mqtt_and_a_door_sounds_the_siren_over_mqt
         "{text}"
     );
     // The code travelled, but was never stored.
-    let stored = events(&js).await;
+    let stored = common::stored_events(&js).await;
     assert!(
         stored.iter().all(|e| !format!("{e:?}").contains("1234")),
         "the code is in HEARTH_EVENTS"
     );
     clock.advance(Duration::from_secs(61));
     wait_for_states(&js, &["arming", "armed_away"]).await;
-    pub_mqtt(
-        &port,
+    common::mosquitto_pub(
+        mqtt,
         "hearth/home/kitchen/window/contact",
         r#"{"open":true}"#,
     )
     .await;
-    let output = tokio::time::timeout(Duration::from_secs(30), siren.wait_with_output())
-        .await
-        .expect("the siren is commanded")
-        .unwrap();
-    let text = String::from_utf8_lossy(&output.stdout);
+    let text =
+        common::mosquitto_sub_output(siren, Duration::from_secs(30), "the siren is commanded")
+            .await;
     assert!(text.starts_with("hearth/home/hall/siren/set {"), "{text}");
     assert!(text.contains(r#""on":true"#), "{text}");
     stop.cancel();
     task.await.unwrap();
     gateway.shutdown().await;
-}
-
-async fn pub_mqtt(port: &str, topic: &str, message: &str) {
-    let status = tokio::process::Command::new("mosquitto_pub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            port,
-            "-q",
-            "1",
-            "-t",
-            topic,
-            "-m",
-            message,
-        ])
-        .status()
-        .await
-        .expect("run mosquitto_pub");
-    assert!(status.success());
-}
-
-async fn health(addr: std::net::SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    response
 }

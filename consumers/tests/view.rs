@@ -4,32 +4,22 @@
 //! over both; a restarted view skips what it applied and picks up what is
 //! new; a rebuild makes the same documents again.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, kv};
+use common::PROMPTLY;
 use hearth_consumers::view::{self, Options, ViewError};
 use hearth_proto::v1::{self, event::Body};
-use hearth_proto::Encoding;
-use hearth_test_support::TestNats;
 use serde_json::{json, Value};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-const PROMPTLY: Duration = Duration::from_secs(10);
 /// 2027-01-15T08:00:00Z: event times are `T0` plus a few seconds.
 const T0: i64 = 1_800_000_000;
-
-async fn setup() -> (TestNats, jetstream::Context) {
-    let nats = TestNats::start().await;
-    let js = jetstream::new(async_nats::connect(nats.url()).await.unwrap());
-    let config = hearth_gateway::config::Config::default();
-    hearth_gateway::jetstream::streams::ensure(&js, &config.storage, &config.mqtt)
-        .await
-        .expect("streams");
-    (nats, js)
-}
 
 struct Running {
     stop: CancellationToken,
@@ -53,18 +43,27 @@ impl Running {
 async fn start(js: &jetstream::Context) -> Running {
     let http: SocketAddr = ([127, 0, 0, 1], hearth_test_support::free_port()).into();
     let stop = CancellationToken::new();
-    let task = tokio::spawn(view::run(
+    let mut task = tokio::spawn(view::run(
         js.clone(),
         Options {
             http_listen: Some(http),
         },
         stop.clone(),
     ));
-    let deadline = tokio::time::Instant::now() + PROMPTLY;
-    while tokio::net::TcpStream::connect(http).await.is_err() {
-        assert!(!task.is_finished(), "the view stopped at start");
-        assert!(tokio::time::Instant::now() < deadline, "no HTTP");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    let http_answers = common::wait_until(
+        PROMPTLY,
+        format!("the view's HTTP on {http}"),
+        async || {
+            tokio::net::TcpStream::connect(http)
+                .await
+                .map(drop)
+                .map_err(|error| error.to_string())
+        },
+        Result::is_ok,
+    );
+    tokio::select! {
+        _ = http_answers => {}
+        ended = &mut task => panic!("the view stopped at start: {ended:?}"),
     }
     Running { stop, task, http }
 }
@@ -102,26 +101,20 @@ async fn publish(
         body: Some(body),
         ..Default::default()
     };
-    let subject = hearth_proto::subject::event_subject(home, room, kind, device);
     let mut headers = async_nats::HeaderMap::new();
-    headers.insert("Content-Type", Encoding::Json.content_type());
     headers.insert("Hearth-Schema", v1::EVENT_SCHEMA);
     headers.insert("Hearth-Event-Id", id.as_str());
     headers.insert("Hearth-Kind", kind);
     headers.insert("Hearth-Correlation-Id", event.correlation_id.as_str());
-    js.publish_with_headers(subject, headers, Encoding::Json.encode(&event))
-        .await
-        .unwrap()
-        .await
-        .unwrap()
-        .sequence
+    common::publish_event_with_headers(js, &event, headers).await
 }
 
 /// Waits until the view has acknowledged every event up to `last`.
 async fn wait_consumed(js: &jetstream::Context, last: u64) {
-    let deadline = tokio::time::Instant::now() + PROMPTLY;
-    loop {
-        let acked = match js
+    common::wait_until(
+        PROMPTLY,
+        format!("the view's ack floor to reach {last}"),
+        async || match js
             .get_consumer_from_stream::<consumer::pull::Config, _, _>(
                 view::CONSUMER,
                 "HEARTH_EVENTS",
@@ -130,16 +123,10 @@ async fn wait_consumed(js: &jetstream::Context, last: u64) {
         {
             Ok(mut consumer) => consumer.info().await.unwrap().ack_floor.stream_sequence,
             Err(_) => 0,
-        };
-        if acked >= last {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the view acknowledged up to {acked}, not {last}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        },
+        |&acked| acked >= last,
+    )
+    .await;
 }
 
 async fn bucket(js: &jetstream::Context) -> kv::Store {
@@ -168,31 +155,17 @@ async fn request(js: &jetstream::Context, subject: String) -> (Value, Option<Str
 
 /// `GET path` over a real socket: the status and the JSON body.
 async fn get(addr: SocketAddr, path: &str) -> (u16, Value) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .unwrap();
-    let mut response = String::new();
-    tokio::time::timeout(PROMPTLY, stream.read_to_string(&mut response))
-        .await
-        .expect("a response in time")
-        .unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").expect("a whole response");
+    let response = common::http_request(addr, "GET", path).await;
     assert!(
-        head.to_ascii_lowercase()
+        response
+            .head
+            .to_ascii_lowercase()
             .contains("content-type: application/json"),
-        "{head}"
+        "{}",
+        response.head
     );
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .expect("a status line");
-    (status, serde_json::from_str(body).expect("a JSON body"))
+    let body = serde_json::from_str(&response.body).expect("a JSON body");
+    (response.status, body)
 }
 
 fn motion(detected: bool) -> Body {
@@ -213,7 +186,7 @@ fn login_failed() -> Body {
 
 #[tokio::test]
 async fn devices_rooms_battery_availability_and_the_alarm_are_projected_into_the_bucket() {
-    let (_nats, js) = setup().await;
+    let (_nats, js) = common::start_nats_with_streams().await;
     let view = start(&js).await;
     let hall = |device| ("home", "hall", device);
     publish(&js, hall("pir"), 0, motion(true)).await;
@@ -359,7 +332,7 @@ async fn devices_rooms_battery_availability_and_the_alarm_are_projected_into_the
 
 #[tokio::test]
 async fn the_view_is_served_over_nats_and_http_and_unknown_names_are_errors() {
-    let (_nats, js) = setup().await;
+    let (_nats, js) = common::start_nats_with_streams().await;
     let view = start(&js).await;
     publish(&js, ("home", "hall", "pir"), 0, motion(true)).await;
     let flat = ("Flat 2.1", "Living Room", "lamp 1");
@@ -448,7 +421,7 @@ async fn the_view_is_served_over_nats_and_http_and_unknown_names_are_errors() {
 
 #[tokio::test]
 async fn a_restarted_view_skips_what_it_applied_and_picks_up_new_events() {
-    let (_nats, js) = setup().await;
+    let (_nats, js) = common::start_nats_with_streams().await;
     let view = start(&js).await;
     publish(&js, ("home", "hall", "pir"), 0, motion(true)).await;
     publish(&js, ("home", "gateway", "intruder"), 1, login_failed()).await;
@@ -500,7 +473,7 @@ async fn a_restarted_view_skips_what_it_applied_and_picks_up_new_events() {
 
 #[tokio::test]
 async fn a_rebuild_reproduces_the_same_documents() {
-    let (_nats, js) = setup().await;
+    let (_nats, js) = common::start_nats_with_streams().await;
     let view = start(&js).await;
     publish(&js, ("home", "hall", "pir"), 0, motion(true)).await;
     publish(
@@ -557,7 +530,7 @@ async fn a_rebuild_reproduces_the_same_documents() {
 /// read again and the event applied to it, not overwritten.
 #[tokio::test]
 async fn a_document_changed_in_the_bucket_under_the_view_is_read_again_not_overwritten() {
-    let (_nats, js) = setup().await;
+    let (_nats, js) = common::start_nats_with_streams().await;
     let view = start(&js).await;
     let first = publish(&js, ("home", "hall", "pir"), 0, motion(true)).await;
     wait_consumed(&js, first).await;
@@ -586,7 +559,7 @@ async fn a_document_changed_in_the_bucket_under_the_view_is_read_again_not_overw
 
 #[tokio::test]
 async fn a_taken_http_port_fails_the_start() {
-    let (_nats, js) = setup().await;
+    let (_nats, js) = common::start_nats_with_streams().await;
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap();
     let error = view::run(
@@ -611,7 +584,7 @@ async fn a_taken_http_port_fails_the_start() {
 #[ignore = "a measurement, not a test"]
 async fn throughput_of_the_projection() {
     const EVENTS: u64 = 5_000;
-    let (_nats, js) = setup().await;
+    let (_nats, js) = common::start_nats_with_streams().await;
     let mut last = 0;
     for i in 0..EVENTS {
         let room = format!("room-{}", i % 50);
@@ -624,20 +597,17 @@ async fn throughput_of_the_projection() {
     }
     let started = std::time::Instant::now();
     let view = start(&js).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
-    loop {
-        let sequence = stored(&js, "home")
-            .await
-            .map_or(0, |document| document["sequence"].as_u64().unwrap());
-        if sequence >= last {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "at {sequence} of {last}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::wait_until(
+        Duration::from_secs(300),
+        format!("the view's document at sequence {last}"),
+        async || {
+            stored(&js, "home")
+                .await
+                .map_or(0, |document| document["sequence"].as_u64().unwrap())
+        },
+        |&sequence| sequence >= last,
+    )
+    .await;
     let elapsed = started.elapsed();
     eprintln!(
         "{EVENTS} events applied in {:.2} s: {:.0} events/s",
