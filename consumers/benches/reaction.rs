@@ -142,16 +142,26 @@ async fn main() {
             let mut published = 0u64;
             let mut pkid = 0u16;
             while started.elapsed() < Duration::from_secs(secs) {
-                let room = published % rooms;
+                // Each room's sensor reports motion, then clear (as a PIR
+                // does after its cool-down): two events per room in turn.
+                let room = (published / 2) % rooms;
+                let detected = published % 2 == 0;
                 pkid = pkid.wrapping_add(1).max(1);
+                let payload: &[u8] = if detected {
+                    br#"{"detected":true}"#
+                } else {
+                    br#"{"detected":false}"#
+                };
                 let mut publish = v4::Publish::new(
                     format!("hearth/bench/r{room}/pir/motion"),
                     QoS::AtMostOnce,
-                    br#"{"detected":true}"#.to_vec(),
+                    payload.to_vec(),
                 );
                 publish.pkid = 0;
                 sensor.send(Packet::Publish(publish)).await.unwrap();
-                sent.lock().unwrap().insert(room, Instant::now());
+                if detected {
+                    sent.lock().unwrap().insert(room, Instant::now());
+                }
                 published += 1;
                 let next = started + interval.mul_f64(published as f64);
                 tokio::time::sleep_until(next.into()).await;
@@ -175,7 +185,7 @@ async fn main() {
             .unwrap_or_default()
     };
     println!(
-        "hearth reaction benchmark: {rate} motion events/s over {rooms} rooms for {secs} s (MQTT → gateway → JetStream → lights rule → gateway → MQTT)"
+        "hearth reaction benchmark: {rate} motion events/s (detected and clear in turn) over {rooms} rooms for {secs} s (MQTT → gateway → JetStream → lights rule → gateway → MQTT)"
     );
     println!(
         "  motion published {published}, events handled by the rule {}, light commands measured {}",

@@ -257,18 +257,28 @@ impl Lights {
     }
 
     async fn fire_due(&self) -> Result<(), HandlerError> {
-        let mut rooms = self.rooms.lock().await;
         let now = self.clock.now_ms();
-        let due: Vec<String> = rooms
+        let due: Vec<String> = self
+            .rooms
+            .lock()
+            .await
             .iter()
             .filter(|(_, room)| room.off_at.is_some_and(|at| at <= now))
             .map(|(key, _)| key.clone())
             .collect();
         for key in due {
+            // One room at a time: events for other rooms are not held up
+            // behind every due room's commands.
+            let mut rooms = self.rooms.lock().await;
             let mut state = rooms.get(&key).cloned().unwrap_or_default();
             let (Some(off_at), Some((home, room))) = (state.off_at, split_key(&key)) else {
                 continue;
             };
+            // Motion may have moved the off time since the rooms were
+            // looked at.
+            if off_at > now {
+                continue;
+            }
             // Someone is still there: look again a delay later.
             let room_config = self.homes.room(&home, &room);
             let still_occupied = room_config.and_then(|config| {
