@@ -2,11 +2,12 @@
 //! stored in `HEARTH_EVENTS` beforehand, then read by one rule's consumer
 //! from the start, and the time until every one is handled and
 //! acknowledged (the consumer has nothing pending and nothing unacknowledged)
-//! taken as its rate. Two rules: (a) the runtime with a handler that does
-//! nothing, which is the runtime's own ceiling, and (b) the lights rule on a
-//! realistic mix (mostly temperature, humidity and illuminance readings of
-//! the homes file's rooms, some motion), which adds the rule's own work
-//! (its state written through to a KV bucket when it changes, commands).
+//! taken as its rate. (a) The runtime with a handler that does nothing,
+//! which is the runtime's own ceiling, then each rule on a realistic mix
+//! (mostly temperature, humidity and illuminance readings of the homes
+//! file's rooms, some motion), which adds the rule's own work (its state
+//! written through to a KV bucket when it changes, commands): (b) lights,
+//! (c) security, (d) view, (e) notify.
 //!
 //! Run: `cargo bench -p hearth-consumers --bench throughput`.
 //! `HEARTH_BENCH_EVENTS` (default 200000), `HEARTH_NATS_SERVER` (the
@@ -19,10 +20,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::PullConsumer};
+use hearth_consumers::clock::Clock;
 use hearth_consumers::commands::Commands;
+use hearth_consumers::events::Events;
 use hearth_consumers::homes::Homes;
 use hearth_consumers::lights::Lights;
 use hearth_consumers::runtime::{self, Received, Spec};
+use hearth_consumers::security::Security;
+use hearth_consumers::{notify, view};
 use hearth_proto::v1::{self, event::Body};
 use hearth_proto::Encoding;
 use hearth_test_support::TestNats;
@@ -81,6 +86,134 @@ async fn main() {
     .await;
     println!("  (b) lights rule, readings and some motion: {figures}");
     drop(nats);
+
+    // (c) the security rule, every motion sensor an interior zone of a
+    // disarmed alarm: each detected/clear flip is a state change written
+    // through to its bucket.
+    let (nats, js) = server().await;
+    load(&js, events).await;
+    let mut homes = String::from("[homes.bench.security]\n");
+    for room in 0..ROOMS {
+        homes.push_str(&format!(
+            "[homes.bench.security.zones.\"r{room}/pir\"]\ntype = \"interior\"\n"
+        ));
+    }
+    let homes = Arc::new(Homes::parse(Path::new("bench.toml"), &homes).expect("homes"));
+    let client = async_nats::connect(nats.url()).await.expect("connect");
+    let clock = Clock::system();
+    let security = Security::open(
+        &js,
+        client,
+        homes,
+        Events::new(js.clone(), Encoding::Json, "bench-security", clock.clone()),
+        Commands::new(js.clone(), Encoding::Json),
+        clock,
+        "hearth",
+    )
+    .await
+    .expect("security state");
+    let figures = consume(&js, "bench-security", events, move |received| {
+        let security = security.clone();
+        async move { security.handle(received).await }
+    })
+    .await;
+    println!("  (c) security rule, motion zones of a disarmed alarm: {figures}");
+    drop(nats);
+
+    // (d) the view: every event changes a home's document.
+    let (nats, js) = server().await;
+    load(&js, events).await;
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(view::run(
+        js.clone(),
+        view::Options { http_listen: None },
+        stop.clone(),
+    ));
+    let figures = until_consumed(&js, view::CONSUMER, run, stop).await;
+    println!("  (d) view, one home's document per event: {figures}");
+    drop(nats);
+
+    // (e) the notify rule with a recipient: readings pass through (no
+    // condition in the mix to tell anyone about).
+    let (nats, js) = server().await;
+    load(&js, events).await;
+    let homes = Homes::parse(
+        Path::new("bench.toml"),
+        "[homes.bench.notify]\n[[homes.bench.notify.recipients]]\nname = \"a\"\n[[homes.bench.notify.recipients.channels]]\nname = \"log\"\nkind = \"log\"\n",
+    )
+    .expect("homes");
+    // A rule reads only events from its start on: its consumer is made
+    // beforehand to read from the stream's start (the rule keeps it).
+    js.get_stream(runtime::EVENTS_STREAM)
+        .await
+        .expect("the stream")
+        .create_consumer(jetstream::consumer::pull::Config {
+            durable_name: Some(notify::CONSUMER.to_owned()),
+            filter_subject: "hearth.evt.>".to_owned(),
+            deliver_policy: jetstream::consumer::DeliverPolicy::All,
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ..Default::default()
+        })
+        .await
+        .expect("the notify consumer");
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(notify::run(
+        js.clone(),
+        Arc::new(homes),
+        Encoding::Json,
+        Clock::system(),
+        notify::Options { http_listen: None },
+        stop.clone(),
+    ));
+    let figures = until_consumed(&js, notify::CONSUMER, run, stop).await;
+    println!("  (e) notify rule, readings passing through: {figures}");
+    drop(nats);
+}
+
+/// For a rule that runs its own consumer: the rate once the consumer
+/// `name` has nothing pending and nothing unacknowledged.
+async fn until_consumed<E: std::fmt::Debug>(
+    js: &jetstream::Context,
+    name: &str,
+    run: tokio::task::JoinHandle<Result<(), E>>,
+    stop: CancellationToken,
+) -> String {
+    let started = Instant::now();
+    let count = js
+        .get_stream(runtime::EVENTS_STREAM)
+        .await
+        .expect("the stream")
+        .info()
+        .await
+        .expect("stream info")
+        .state
+        .messages;
+    loop {
+        if run.is_finished() {
+            panic!("the rule ended early: {:?}", run.await);
+        }
+        let consumer: Result<PullConsumer, _> = js
+            .get_consumer_from_stream(name, runtime::EVENTS_STREAM)
+            .await;
+        if let Ok(mut consumer) = consumer {
+            let info = consumer.info().await.expect("consumer info");
+            if info.num_ack_pending == 0
+                && info.num_pending == 0
+                && info.delivered.stream_sequence >= count
+            {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let done = started.elapsed();
+    stop.cancel();
+    let _ = run.await;
+    format!(
+        "{:.0} events/s (all handled and acknowledged in {:.2} s)",
+        count as f64 / done.as_secs_f64(),
+        done.as_secs_f64()
+    )
 }
 
 /// A server with hearth's streams, made as the gateway makes them.
