@@ -7,8 +7,11 @@
 //! blocking the rest. [`commands`] issues `hearth.v1.Command`s idempotently:
 //! a redelivered event never sends a second command.
 //!
-//! The rules themselves (security, lights, notify, view) build on these;
-//! see the project's issues for what is built.
+//! The rules build on these: [`lights`] (motion lighting), [`security`]
+//! (the alarm), [`notify`] (notifications) and [`view`] (the read side),
+//! each configured by the [`homes`] file, keeping its state in a KV bucket
+//! ([`state`]), storing its own events ([`events`]) and going by a
+//! [`clock`] tests can move.
 
 pub mod clock;
 pub mod commands;
@@ -17,7 +20,7 @@ pub mod events;
 pub mod homes;
 pub mod lights;
 pub mod notify;
-pub mod view;
 pub mod runtime;
 pub mod security;
 pub mod state;
+pub mod view;
