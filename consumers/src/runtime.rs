@@ -32,7 +32,7 @@
 //! idempotent; that is the contract (`commands` issues commands
 //! idempotently for this reason). The events a dead run held come back
 //! after the ack wait; the next run takes them first, in order, before
-//! newer events (see [`Recovery`]), so after a crash a rule waits up to the
+//! newer events (see `Recovery`), so after a crash a rule waits up to the
 //! ack wait, as before, but never sees its events out of order.
 //!
 //! One run per consumer: two processes running the same rule would share

@@ -6,27 +6,27 @@
 //!
 //! - A `Notification` event (the security rule's `alarm_triggered`, or one
 //!   this rule stored itself) is fanned out to every recipient's first
-//!   channel ([`fanout`]), after dedup, quiet hours and rate limits
-//!   ([`policy`]); a critical one escalates until acknowledged
-//!   ([`escalation`]).
+//!   channel (`fanout`), after dedup, quiet hours and rate limits
+//!   (`policy`); a critical one escalates until acknowledged
+//!   (`escalation`).
 //! - Device conditions become notifications, stored as `Notification`
-//!   events so the log shows each one ([`conditions`]): smoke and water
+//!   events so the log shows each one (`conditions`): smoke and water
 //!   leaks (critical), a device offline, a low battery, a device silent too
 //!   long (warnings).
 //! - A `NotificationAck` event (over MQTT through the gateway, or stored by
-//!   this rule for a NATS or HTTP acknowledgement, see [`ack`]) stops the
+//!   this rule for a NATS or HTTP acknowledgement, see `ack`) stops the
 //!   escalation and sends "done" messages.
 //!
 //! Handling an event only records what is to be sent in the KV bucket
-//! `hearth_notify` ([`records`]) and acknowledges the event; the delivery
-//! worker ([`worker`]) sends, retries with backoff, escalates, sums up what
+//! `hearth_notify` (`records`) and acknowledges the event; the delivery
+//! worker (`worker`) sends, retries with backoff, escalates, sums up what
 //! was held back and stores each outcome as a `NotificationDelivery` event
 //! (a delivery given up also in `HEARTH_DLQ`). Everything goes by the
 //! rule's [`Clock`], and everything resumes from the bucket after a
 //! restart.
 //!
 //! The configuration is `[homes.<home>.notify]` in the homes file
-//! ([`config`]); channels are in [`channels`].
+//! ([`config`]); channels are in `channels`.
 
 mod ack;
 mod channels;
