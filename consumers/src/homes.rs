@@ -84,15 +84,15 @@ impl Default for Room {
 
 #[derive(Debug, thiserror::Error)]
 pub enum HomesError {
-    #[error("cannot read the homes file {path}: {source}")]
+    #[error("cannot read the homes file {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("invalid homes file {path}: {source}")]
+    #[error("invalid homes file {path}: {error}")]
     Parse {
         path: PathBuf,
-        source: Box<toml::de::Error>,
+        error: Box<toml::de::Error>,
     },
     #[error("invalid homes file {path}: home {home:?}: {problem}")]
     InvalidHome {
@@ -111,17 +111,17 @@ pub enum HomesError {
 
 impl Homes {
     pub fn load(path: &Path) -> Result<Self, HomesError> {
-        let text = std::fs::read_to_string(path).map_err(|source| HomesError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| HomesError::Read {
             path: path.to_owned(),
-            source,
+            error,
         })?;
         Self::parse(path, &text)
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<Self, HomesError> {
-        let homes: Self = toml::from_str(text).map_err(|source| HomesError::Parse {
+        let homes: Self = toml::from_str(text).map_err(|error| HomesError::Parse {
             path: path.to_owned(),
-            source: Box::new(source),
+            error: Box::new(error),
         })?;
         for (home, config) in &homes.homes {
             let invalid = |problem: String| HomesError::InvalidHome {
