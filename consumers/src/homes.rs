@@ -32,6 +32,9 @@ pub struct Home {
     /// in; default the system's.
     #[serde(default)]
     pub timezone: Option<String>,
+    /// `timezone` resolved, once, when the file is read (see [`Home::zone`]).
+    #[serde(skip)]
+    resolved_zone: Option<jiff::tz::TimeZone>,
     /// Night hours, `"22:00-06:30"`: motion turns lights on whatever the
     /// lux, at each room's `night_brightness`.
     #[serde(default)]
@@ -82,6 +85,15 @@ impl Default for Room {
     }
 }
 
+impl Home {
+    /// The home's time zone: `timezone`, or the system's.
+    pub fn zone(&self) -> jiff::tz::TimeZone {
+        self.resolved_zone
+            .clone()
+            .unwrap_or_else(jiff::tz::TimeZone::system)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum HomesError {
     #[error("cannot read the homes file {path}: {error}")]
@@ -119,17 +131,18 @@ impl Homes {
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<Self, HomesError> {
-        let homes: Self = toml::from_str(text).map_err(|error| HomesError::Parse {
+        let mut homes: Self = toml::from_str(text).map_err(|error| HomesError::Parse {
             path: path.to_owned(),
             error: Box::new(error),
         })?;
-        for (home, config) in &homes.homes {
+        for (home, config) in &mut homes.homes {
             let invalid = |problem: String| HomesError::InvalidHome {
                 path: path.to_owned(),
                 home: home.clone(),
                 problem,
             };
-            crate::daytime::time_zone(config.timezone.as_deref()).map_err(invalid)?;
+            config.resolved_zone =
+                Some(crate::daytime::time_zone(config.timezone.as_deref()).map_err(invalid)?);
             config
                 .notify
                 .validate()
@@ -185,8 +198,7 @@ impl Homes {
         let Some(night) = &config.night else {
             return false;
         };
-        crate::daytime::time_zone(config.timezone.as_deref())
-            .is_ok_and(|tz| night.contains(now_ms, &tz))
+        night.contains(now_ms, &config.zone())
     }
 
     /// The configuration of a room, if it is in the file.

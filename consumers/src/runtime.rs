@@ -363,15 +363,8 @@ where
         warn!(%error, attempt, retry_in = ?delay, "handling failed; trying again");
         stats.retried += 1;
         // Kept here rather than handed back: the events behind it wait, so
-        // none overtakes it. JetStream is told it is still being worked on.
-        if let Err(error) = message.ack_with(AckKind::Progress).await {
-            debug!(%error, "telling JetStream the event is in progress failed");
-        }
-        if feed
-            .unless_stopped(tokio::time::sleep(delay), shutdown)
-            .await
-            .is_none()
-        {
+        // none overtakes it.
+        if !feed.hold_for(&message, delay, shutdown).await {
             return Handled::HandBack;
         }
         attempt += 1;
@@ -475,14 +468,7 @@ async fn dead_letter(
         };
         let delay = retry_delay(spec.retry, attempt);
         warn!(consumer = %spec.name, %error, retry_in = ?delay, "could not dead-letter the event; trying again");
-        if let Err(error) = message.ack_with(AckKind::Progress).await {
-            debug!(%error, "telling JetStream the event is in progress failed");
-        }
-        if feed
-            .unless_stopped(tokio::time::sleep(delay), shutdown)
-            .await
-            .is_none()
-        {
+        if !feed.hold_for(message, delay, shutdown).await {
             return Handled::HandBack;
         }
         attempt += 1;
@@ -663,14 +649,22 @@ impl Feed {
         }
     }
 
-    /// As [`Feed::alongside`], for work that a shutdown interrupts (a delay
-    /// before another attempt): `None` if `shutdown` came first.
-    async fn unless_stopped<T>(
+    /// Keeps `message` through `delay` before another attempt, as
+    /// [`Feed::alongside`] keeps the feed going: JetStream is told the event
+    /// is still being worked on, so it does not send it again. `false` if
+    /// `shutdown` came first.
+    async fn hold_for(
         &mut self,
-        work: impl Future<Output = T>,
+        message: &jetstream::Message,
+        delay: Duration,
         shutdown: &CancellationToken,
-    ) -> Option<T> {
-        self.wait_on(work, Some(shutdown)).await
+    ) -> bool {
+        if let Err(error) = message.ack_with(AckKind::Progress).await {
+            debug!(%error, "telling JetStream the event is in progress failed");
+        }
+        self.wait_on(tokio::time::sleep(delay), Some(shutdown))
+            .await
+            .is_some()
     }
 
     async fn wait_on<T>(

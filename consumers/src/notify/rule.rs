@@ -113,7 +113,7 @@ impl Rule {
             };
             config.validate().map_err(invalid)?;
             // Quiet hours are local time of the home.
-            let tz = crate::daytime::time_zone(home.timezone.as_deref()).map_err(invalid)?;
+            let tz = home.zone();
             let mut channels = BTreeMap::new();
             for recipient in &config.recipients {
                 for channel in &recipient.channels {

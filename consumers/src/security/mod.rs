@@ -412,16 +412,6 @@ impl Security {
         self.homes.homes.get(home)?.security.as_ref()
     }
 
-    /// The homes with an alarm.
-    pub fn homes(&self) -> Vec<String> {
-        self.homes
-            .homes
-            .iter()
-            .filter(|(_, home)| home.security.is_some())
-            .map(|(name, _)| name.clone())
-            .collect()
-    }
-
     /// The NATS client requests come in on.
     pub fn client(&self) -> &async_nats::Client {
         &self.client
@@ -430,11 +420,6 @@ impl Security {
     /// The gateway's native MQTT topic prefix.
     pub fn mqtt_prefix(&self) -> &str {
         &self.mqtt_prefix
-    }
-
-    /// The current status of a home's alarm.
-    pub async fn status(&self, home: &str) -> Option<Status> {
-        Some(self.alarms.lock().await.get(home)?.alarm.status())
     }
 }
 
