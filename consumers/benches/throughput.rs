@@ -35,6 +35,8 @@ use tokio_util::sync::CancellationToken;
 
 /// Rooms of the bench home, each with a light.
 const ROOMS: usize = 20;
+/// Homes the view's events spread over.
+const VIEW_HOMES: u64 = 200;
 /// Publishes awaiting their acknowledgement at once while loading.
 const PUBLISH_WINDOW: usize = 1024;
 
@@ -57,7 +59,7 @@ async fn main() {
         "hearth consumer throughput: {events} events stored beforehand, read from the start by one consumer (nats-server {})",
         nats.server().version().unwrap_or("?")
     );
-    let loaded = load(&js, events).await;
+    let loaded = load(&js, events, 1).await;
     println!(
         "  loaded in {:.2} s ({:.0} events/s, pipelined publishes)",
         loaded.as_secs_f64(),
@@ -68,7 +70,7 @@ async fn main() {
     drop(nats);
 
     let (nats, js) = server().await;
-    load(&js, events).await;
+    load(&js, events, 1).await;
     let mut homes = String::new();
     for room in 0..ROOMS {
         homes.push_str(&format!(
@@ -91,7 +93,7 @@ async fn main() {
     // disarmed alarm: each detected/clear flip is a state change written
     // through to its bucket.
     let (nats, js) = server().await;
-    load(&js, events).await;
+    load(&js, events, 1).await;
     let mut homes = String::from("[homes.bench.security]\n");
     for room in 0..ROOMS {
         homes.push_str(&format!(
@@ -120,9 +122,10 @@ async fn main() {
     println!("  (c) security rule, motion zones of a disarmed alarm: {figures}");
     drop(nats);
 
-    // (d) the view: every event changes a home's document.
+    // (d) the view: every event changes a home's document; the events
+    // spread over many homes, so a batch writes many documents.
     let (nats, js) = server().await;
-    load(&js, events).await;
+    load(&js, events, VIEW_HOMES).await;
     let stop = CancellationToken::new();
     let run = tokio::spawn(view::run(
         js.clone(),
@@ -130,13 +133,13 @@ async fn main() {
         stop.clone(),
     ));
     let figures = until_consumed(&js, view::CONSUMER, run, stop).await;
-    println!("  (d) view, one home's document per event: {figures}");
+    println!("  (d) view, {VIEW_HOMES} homes' documents: {figures}");
     drop(nats);
 
     // (e) the notify rule with a recipient: readings pass through (no
     // condition in the mix to tell anyone about).
     let (nats, js) = server().await;
-    load(&js, events).await;
+    load(&js, events, 1).await;
     let homes = Homes::parse(
         Path::new("bench.toml"),
         "[homes.bench.notify]\n[[homes.bench.notify.recipients]]\nname = \"a\"\n[[homes.bench.notify.recipients.channels]]\nname = \"log\"\nkind = \"log\"\n",
@@ -229,13 +232,14 @@ async fn server() -> (TestNats, jetstream::Context) {
 
 /// Stores `count` events as the gateway stores them (JSON, with a
 /// Content-Type), a window of publishes in flight rather than one round
-/// trip each.
-async fn load(js: &jetstream::Context, count: u64) -> Duration {
+/// trip each; the events of home `bench`, or spread over `homes` homes
+/// (`bench0`, `bench1`, ...).
+async fn load(js: &jetstream::Context, count: u64, homes: u64) -> Duration {
     let started = Instant::now();
     let mut random = Random(0x9e37_79b9_7f4a_7c15);
     let mut acks = std::collections::VecDeque::with_capacity(PUBLISH_WINDOW);
     for i in 0..count {
-        let event = reading(i, &mut random);
+        let event = reading(i, &mut random, homes);
         let kind = event.body.as_ref().map_or("unknown", Body::kind);
         let subject =
             hearth_proto::subject::event_subject(&event.home, &event.room, kind, &event.device);
@@ -259,7 +263,12 @@ async fn load(js: &jetstream::Context, count: u64) -> Duration {
 
 /// Event `i` of the mix: per room a thermometer, a hygrometer, a lux
 /// sensor and a motion sensor; one in ten is motion.
-fn reading(i: u64, random: &mut Random) -> v1::Event {
+fn reading(i: u64, random: &mut Random, homes: u64) -> v1::Event {
+    let home = if homes <= 1 {
+        "bench".to_owned()
+    } else {
+        format!("bench{}", random.below(homes))
+    };
     let room = format!("r{}", random.below(ROOMS as u64));
     let (device, body) = match random.below(20) {
         0..=6 => (
@@ -295,7 +304,7 @@ fn reading(i: u64, random: &mut Random) -> v1::Event {
             seconds: 1_800_000_000 + i64::try_from(i).unwrap_or(0) / 100,
             nanos: 0,
         }),
-        home: "bench".into(),
+        home,
         room,
         device: device.into(),
         source: Some(v1::Source {

@@ -1,8 +1,10 @@
 //! The consumer runtime every house rule runs on.
 //!
-//! One durable pull consumer per rule on `HEARTH_EVENTS`, events handled one
-//! at a time in stream order (a state machine needs them in order), each
-//! acknowledged only once its handler finished. A handler error is retried
+//! One durable pull consumer per rule on `HEARTH_EVENTS`, events handled in
+//! stream order (a state machine needs them in order), one at a time
+//! ([`run`]) or, for a rule that writes many events' effects at once, in
+//! batches of the events ready ([`run_batches`]); each acknowledged only
+//! once its handler finished with it. A handler error is retried
 //! with a doubling delay up to [`Spec::max_deliver`] attempts; an event that
 //! cannot succeed (it does not decode, the handler calls it poison, or its
 //! attempts ran out) goes to `HEARTH_DLQ` on
@@ -38,7 +40,7 @@
 //! One run per consumer: two processes running the same rule would share
 //! its events between them, and each would see a part, out of order.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::pin::pin;
 use std::time::Duration;
@@ -162,7 +164,8 @@ pub struct Stats {
     pub dead_lettered: u64,
 }
 
-/// Runs `spec`'s consumer until `shutdown`, handing each event to `handler`.
+/// Runs `spec`'s consumer until `shutdown`, handing each event to `handler`,
+/// one at a time.
 pub async fn run<H, F>(
     js: &jetstream::Context,
     spec: &Spec,
@@ -172,6 +175,52 @@ pub async fn run<H, F>(
 where
     H: FnMut(Received) -> F,
     F: Future<Output = Result<(), HandlerError>>,
+{
+    let one_at_a_time = |mut events: Vec<Received>| {
+        let handled = events.pop().map(&mut handler);
+        async move {
+            match handled {
+                Some(handled) => vec![handled.await],
+                None => Vec::new(),
+            }
+        }
+    };
+    consume(js, spec, 1, one_at_a_time, shutdown).await
+}
+
+/// Runs `spec`'s consumer until `shutdown`, handing `handler` every event
+/// held that is ready, in stream order, up to [`Spec::prefetch`] at once.
+/// The handler answers with one outcome per event, in the same order; each
+/// event is acknowledged, tried again or dead-lettered by its own outcome,
+/// as [`run`] does. The events tried again go back to the handler together,
+/// before any newer event.
+///
+/// For a rule whose work is cheap and whose writes can be batched (the
+/// view writes each home once per batch): one round trip confirms many
+/// events, and every event is still acknowledged only after its write.
+pub async fn run_batches<H, F>(
+    js: &jetstream::Context,
+    spec: &Spec,
+    handler: H,
+    shutdown: CancellationToken,
+) -> Result<Stats, RuntimeError>
+where
+    H: FnMut(Vec<Received>) -> F,
+    F: Future<Output = Vec<Result<(), HandlerError>>>,
+{
+    consume(js, spec, spec.prefetch.max(1), handler, shutdown).await
+}
+
+async fn consume<H, F>(
+    js: &jetstream::Context,
+    spec: &Spec,
+    most: usize,
+    mut handler: H,
+    shutdown: CancellationToken,
+) -> Result<Stats, RuntimeError>
+where
+    H: FnMut(Vec<Received>) -> F,
+    F: Future<Output = Vec<Result<(), HandlerError>>>,
 {
     // The gateway creates the stream; a rule started first waits for it.
     let mut waited = 0u32;
@@ -194,13 +243,17 @@ where
     let mut feed = Feed::open(js, spec, consumer).await?;
     info!(consumer = %spec.name, filter = %spec.filter, prefetch = feed.capacity, "consuming");
     let mut stats = Stats::default();
-    while let Some(message) = feed.next(&shutdown).await {
+    loop {
+        let messages = feed.next(most, &shutdown).await;
+        if messages.is_empty() {
+            break;
+        }
         let handled = handle(
             js,
             spec,
             &mut handler,
             &mut feed,
-            message,
+            messages,
             &mut stats,
             &shutdown,
         );
@@ -258,125 +311,170 @@ async fn open_consumer(
     }
 }
 
-/// What became of the event in hand.
+/// What became of the events in hand.
 #[derive(Debug, PartialEq, Eq)]
 enum Handled {
     /// Acknowledged or dead-lettered: on to the next.
     Done,
-    /// Shutdown came while it waited for another attempt: handed back.
+    /// Shutdown came while some waited for another attempt: handed back.
     HandBack,
 }
 
+/// An event in hand: its delivery, and the attempt it is at.
+struct Attempt {
+    message: jetstream::Message,
+    sequence: u64,
+    attempt: i64,
+}
+
+/// Hands `messages` to the handler until each succeeded, is poison or ran
+/// out of attempts; the ones to try again go back together, in order.
 async fn handle<H, F>(
     js: &jetstream::Context,
     spec: &Spec,
     handler: &mut H,
     feed: &mut Feed,
-    message: jetstream::Message,
+    messages: Vec<jetstream::Message>,
     stats: &mut Stats,
     shutdown: &CancellationToken,
 ) -> Handled
 where
-    H: FnMut(Received) -> F,
-    F: Future<Output = Result<(), HandlerError>>,
+    H: FnMut(Vec<Received>) -> F,
+    F: Future<Output = Vec<Result<(), HandlerError>>>,
 {
-    let event = match decode(&message) {
-        Ok(event) => event,
-        Err(detail) => {
-            let letter = Letter::new(spec, &message, "undecodable_event", &detail);
-            return dead_letter(js, spec, feed, &message, letter, stats, shutdown).await;
+    let mut pending = Vec::with_capacity(messages.len());
+    for message in messages {
+        // The feed passes on JetStream deliveries only.
+        let Ok(info) = message.info() else {
+            continue;
+        };
+        let (sequence, delivered) = (info.stream_sequence, info.delivered.max(1));
+        // JetStream's deliveries count as attempts: an event that comes
+        // again after a crash has fewer left.
+        if delivered > spec.max_deliver {
+            let detail = format!(
+                "delivered {delivered} times: its attempts were used by runs that stopped or crashed holding it"
+            );
+            let letter = Letter::new(spec, &message, "consumer_failed", &detail);
+            if dead_letter(js, spec, feed, &message, letter, stats, shutdown).await
+                == Handled::HandBack
+            {
+                return Handled::HandBack;
+            }
+            continue;
         }
-    };
-    let span = info_span!(
-        "event",
-        consumer = %spec.name,
-        event_id = %event.id,
-        correlation_id = %event.correlation_id,
-        device = %event.device,
-    );
-    attempts(js, spec, handler, feed, message, event, stats, shutdown)
-        .instrument(span)
-        .await
-}
-
-/// Hands `event` to the handler until it succeeds, is poison or its
-/// attempts run out.
-#[allow(clippy::too_many_arguments)]
-async fn attempts<H, F>(
-    js: &jetstream::Context,
-    spec: &Spec,
-    handler: &mut H,
-    feed: &mut Feed,
-    message: jetstream::Message,
-    mut event: v1::Event,
-    stats: &mut Stats,
-    shutdown: &CancellationToken,
-) -> Handled
-where
-    H: FnMut(Received) -> F,
-    F: Future<Output = Result<(), HandlerError>>,
-{
-    // The feed passes on JetStream deliveries only.
-    let Ok(info) = message.info() else {
-        return Handled::Done;
-    };
-    let (sequence, delivered) = (info.stream_sequence, info.delivered.max(1));
-    // JetStream's deliveries count as attempts: an event that comes again
-    // after a crash has fewer left.
-    if delivered > spec.max_deliver {
-        let detail = format!(
-            "delivered {delivered} times: its attempts were used by runs that stopped or crashed holding it"
-        );
-        let letter = Letter::new(spec, &message, "consumer_failed", &detail);
-        return dead_letter(js, spec, feed, &message, letter, stats, shutdown).await;
+        pending.push(Attempt {
+            message,
+            sequence,
+            attempt: delivered,
+        });
     }
-    let mut attempt = delivered;
     loop {
-        let received = Received {
-            event,
-            subject: message.subject.to_string(),
-            stream_sequence: sequence,
-            attempt,
-        };
-        let error = match feed.alongside(handler(received)).await {
-            Ok(()) => {
-                // Not confirmed one by one: see the module's documentation.
-                if let Err(error) = message.ack().await {
-                    warn!(%error, "acknowledging failed; the event may come again");
+        let mut events = Vec::with_capacity(pending.len());
+        let mut attempts = Vec::with_capacity(pending.len());
+        for attempt in pending.drain(..) {
+            // Decoded for each attempt rather than cloned for every first
+            // one: retries are rare, events are not.
+            match decode(&attempt.message) {
+                Ok(event) => {
+                    events.push(Received {
+                        event,
+                        subject: attempt.message.subject.to_string(),
+                        stream_sequence: attempt.sequence,
+                        attempt: attempt.attempt,
+                    });
+                    attempts.push(attempt);
                 }
-                feed.finished(sequence, &message);
-                stats.handled += 1;
-                return Handled::Done;
+                Err(detail) => {
+                    let letter = Letter::new(spec, &attempt.message, "undecodable_event", &detail);
+                    if dead_letter(js, spec, feed, &attempt.message, letter, stats, shutdown).await
+                        == Handled::HandBack
+                    {
+                        return Handled::HandBack;
+                    }
+                }
             }
-            Err(HandlerError::Poison(error)) => {
-                let letter = Letter::new(spec, &message, "consumer_failed", &error);
-                return dead_letter(js, spec, feed, &message, letter, stats, shutdown).await;
-            }
-            Err(HandlerError::Retry(error)) if attempt >= spec.max_deliver => {
-                let detail = format!("failed {attempt} times, last: {error}");
-                let letter = Letter::new(spec, &message, "consumer_failed", &detail);
-                return dead_letter(js, spec, feed, &message, letter, stats, shutdown).await;
-            }
-            Err(HandlerError::Retry(error)) => error,
+        }
+        if events.is_empty() {
+            return Handled::Done;
+        }
+        let span = match events.as_slice() {
+            [one] => info_span!(
+                "event",
+                consumer = %spec.name,
+                event_id = %one.event.id,
+                correlation_id = %one.event.correlation_id,
+                device = %one.event.device,
+            ),
+            [first, .., last] => info_span!(
+                "events",
+                consumer = %spec.name,
+                events = events.len(),
+                first = first.stream_sequence,
+                last = last.stream_sequence,
+            ),
+            [] => unreachable!("not empty"),
         };
-        let delay = retry_delay(spec.retry, attempt);
-        warn!(%error, attempt, retry_in = ?delay, "handling failed; trying again");
-        stats.retried += 1;
-        // Kept here rather than handed back: the events behind it wait, so
-        // none overtakes it.
-        if !feed.hold_for(&message, delay, shutdown).await {
+        let count = events.len();
+        let mut outcomes = feed
+            .alongside(handler(events).instrument(span.clone()))
+            .await
+            .into_iter();
+        let mut failed = Vec::new();
+        for attempt in attempts {
+            let outcome = outcomes.next().unwrap_or_else(|| {
+                Err(HandlerError::Retry(format!(
+                    "the handler answered for fewer events than the {count} it was given"
+                )))
+            });
+            match outcome {
+                Ok(()) => {
+                    // Not confirmed one by one: see the module's documentation.
+                    if let Err(error) = attempt.message.ack().await {
+                        warn!(parent: &span, %error, "acknowledging failed; the event may come again");
+                    }
+                    feed.finished(attempt.sequence, &attempt.message);
+                    stats.handled += 1;
+                }
+                Err(HandlerError::Poison(error)) => failed.push((attempt, None, error)),
+                Err(HandlerError::Retry(error)) if attempt.attempt >= spec.max_deliver => {
+                    let detail = format!("failed {} times, last: {error}", attempt.attempt);
+                    failed.push((attempt, None, detail));
+                }
+                Err(HandlerError::Retry(error)) => failed.push((attempt, Some(()), error)),
+            }
+        }
+        // Dead letters after the acknowledgements: a shutdown while one
+        // cannot be stored hands back only what is not finished.
+        let mut retry_in = Duration::ZERO;
+        for (attempt, again, error) in failed {
+            if again.is_some() {
+                let delay = retry_delay(spec.retry, attempt.attempt);
+                warn!(parent: &span, %error, attempt = attempt.attempt, sequence = attempt.sequence, retry_in = ?delay, "handling failed; trying again");
+                stats.retried += 1;
+                retry_in = retry_in.max(delay);
+                pending.push(attempt);
+                continue;
+            }
+            let letter = Letter::new(spec, &attempt.message, "consumer_failed", &error);
+            if dead_letter(js, spec, feed, &attempt.message, letter, stats, shutdown).await
+                == Handled::HandBack
+            {
+                return Handled::HandBack;
+            }
+        }
+        if pending.is_empty() {
+            return Handled::Done;
+        }
+        // Kept here rather than handed back: the events behind them wait,
+        // so none overtakes them.
+        let messages: Vec<_> = pending.iter().map(|attempt| &attempt.message).collect();
+        if !feed.hold_for(&messages, retry_in, shutdown).await {
             return Handled::HandBack;
         }
-        attempt += 1;
-        // Decoded again rather than cloned for every first attempt: retries
-        // are rare, events are not.
-        event = match decode(&message) {
-            Ok(event) => event,
-            Err(detail) => {
-                let letter = Letter::new(spec, &message, "undecodable_event", &detail);
-                return dead_letter(js, spec, feed, &message, letter, stats, shutdown).await;
-            }
-        };
+        for attempt in &mut pending {
+            attempt.attempt += 1;
+        }
     }
 }
 
@@ -468,7 +566,7 @@ async fn dead_letter(
         };
         let delay = retry_delay(spec.retry, attempt);
         warn!(consumer = %spec.name, %error, retry_in = ?delay, "could not dead-letter the event; trying again");
-        if !feed.hold_for(message, delay, shutdown).await {
+        if !feed.hold_for(&[message], delay, shutdown).await {
             return Handled::HandBack;
         }
         attempt += 1;
@@ -511,8 +609,9 @@ struct Feed {
     /// No request before this, after the server refused one.
     paused_until: Option<Instant>,
     held: Held<jetstream::Message>,
-    /// The event being handled (or waiting for another attempt).
-    in_hand: Option<(u64, Subject)>,
+    /// The events being handled (or waiting for another attempt), by
+    /// stream sequence.
+    in_hand: BTreeMap<u64, Subject>,
     /// The reply subject of the last event acknowledged or dead-lettered.
     last_finished: Option<Subject>,
     recovery: Option<Recovery>,
@@ -599,7 +698,7 @@ impl Feed {
             next_request: 0,
             paused_until: None,
             held: Held::default(),
-            in_hand: None,
+            in_hand: BTreeMap::new(),
             last_finished: None,
             recovery,
             keepalive_at: Instant::now() + keepalive_every,
@@ -607,9 +706,10 @@ impl Feed {
         })
     }
 
-    /// The next event to handle, in stream order; `None` once `shutdown`
-    /// (or the connection closed for good).
-    async fn next(&mut self, shutdown: &CancellationToken) -> Option<jetstream::Message> {
+    /// The next events to handle, in stream order: at least one, at most
+    /// `most`, as many as are ready; none once `shutdown` (or the
+    /// connection closed for good).
+    async fn next(&mut self, most: usize, shutdown: &CancellationToken) -> Vec<jetstream::Message> {
         loop {
             // Whatever has arrived, without waiting.
             while let Some(Some(message)) = self.subscription.next().now_or_never() {
@@ -619,18 +719,28 @@ impl Feed {
             // waiting: a slow one must not let those behind it expire.
             self.on_time().await;
             if shutdown.is_cancelled() || self.closed {
-                return None;
+                return Vec::new();
+            }
+            if self.recovery.is_none() && self.held.len() > 0 {
+                let mut messages = Vec::with_capacity(most.min(self.held.len()));
+                while messages.len() < most {
+                    let Some((sequence, message)) = self.held.pop() else {
+                        break;
+                    };
+                    if let Some(reply) = message.reply.clone() {
+                        self.in_hand.insert(sequence, reply);
+                    }
+                    messages.push(message);
+                }
+                // With room made, the next batch is asked for while these
+                // are handled.
+                self.request_more().await;
+                return messages;
             }
             self.request_more().await;
-            if self.recovery.is_none() {
-                if let Some((sequence, message)) = self.held.pop() {
-                    self.in_hand = message.reply.clone().map(|reply| (sequence, reply));
-                    return Some(message);
-                }
-            }
             let deadline = self.deadline();
             tokio::select! {
-                () = shutdown.cancelled() => return None,
+                () = shutdown.cancelled() => return Vec::new(),
                 message = self.subscription.next() => match message {
                     Some(message) => self.accept(message).await,
                     None => self.close(),
@@ -649,18 +759,20 @@ impl Feed {
         }
     }
 
-    /// Keeps `message` through `delay` before another attempt, as
-    /// [`Feed::alongside`] keeps the feed going: JetStream is told the event
-    /// is still being worked on, so it does not send it again. `false` if
-    /// `shutdown` came first.
+    /// Keeps `messages` through `delay` before another attempt, as
+    /// [`Feed::alongside`] keeps the feed going: JetStream is told the
+    /// events are still being worked on, so it does not send them again.
+    /// `false` if `shutdown` came first.
     async fn hold_for(
         &mut self,
-        message: &jetstream::Message,
+        messages: &[&jetstream::Message],
         delay: Duration,
         shutdown: &CancellationToken,
     ) -> bool {
-        if let Err(error) = message.ack_with(AckKind::Progress).await {
-            debug!(%error, "telling JetStream the event is in progress failed");
+        for message in messages {
+            if let Err(error) = message.ack_with(AckKind::Progress).await {
+                debug!(%error, "telling JetStream an event is in progress failed");
+            }
         }
         self.wait_on(tokio::time::sleep(delay), Some(shutdown))
             .await
@@ -743,7 +855,7 @@ impl Feed {
             debug!(consumer = %self.name, subject = %message.subject, "not a JetStream delivery; ignored");
             return;
         };
-        let in_hand = self.in_hand.as_ref().map(|(sequence, _)| *sequence);
+        let in_hand = self.in_hand.contains_key(&sequence);
         let late = self
             .held
             .finished
@@ -784,7 +896,7 @@ impl Feed {
         {
             return;
         }
-        let held = self.held.len() + usize::from(self.in_hand.is_some());
+        let held = self.held.len() + self.in_hand.len();
         if held + self.batch > self.capacity && self.recovery.is_none() {
             return;
         }
@@ -851,7 +963,7 @@ impl Feed {
     /// none is sent again while the ones before it are handled.
     async fn keep_alive(&self) {
         let client = self.context.client();
-        let replies = self.in_hand.iter().map(|(_, reply)| reply).chain(
+        let replies = self.in_hand.values().chain(
             self.held
                 .iter()
                 .filter_map(|message| message.reply.as_ref()),
@@ -868,7 +980,7 @@ impl Feed {
 
     fn finished(&mut self, sequence: u64, message: &jetstream::Message) {
         self.held.finish(sequence);
-        self.in_hand = None;
+        self.in_hand.remove(&sequence);
         self.last_finished = message.reply.clone();
     }
 
@@ -879,8 +991,8 @@ impl Feed {
 
     /// Ends the run: waits for the request out to end (an event it
     /// brought after the run would wait out the ack wait before coming
-    /// again, behind newer ones), then hands back the event in hand (when
-    /// shutdown came while it waited for another attempt) and every event
+    /// again, behind newer ones), then hands back the events in hand (when
+    /// shutdown came while they waited for another attempt) and every event
     /// held, in stream order, so the next run starts with them.
     async fn hand_back(mut self) {
         while self.request.is_some() && !self.closed {
@@ -899,11 +1011,8 @@ impl Feed {
             debug!(%error, "unsubscribing failed");
         }
         let client = self.context.client();
-        let mut replies = self
-            .in_hand
-            .take()
-            .map(|(_, reply)| reply)
-            .into_iter()
+        let mut replies = std::mem::take(&mut self.in_hand)
+            .into_values()
             .chain(
                 self.held
                     .drain()
@@ -977,8 +1086,9 @@ enum Arrival<T> {
 }
 
 impl<T> Held<T> {
-    fn insert(&mut self, sequence: u64, event: T, in_hand: Option<u64>) -> Arrival<T> {
-        if in_hand == Some(sequence) {
+    /// `in_hand`: the event is being handled.
+    fn insert(&mut self, sequence: u64, event: T, in_hand: bool) -> Arrival<T> {
+        if in_hand {
             return Arrival::Again;
         }
         if self
@@ -1039,7 +1149,7 @@ mod tests {
     fn events_arriving_out_of_order_are_held_in_stream_order() {
         let mut held = Held::default();
         for sequence in [5, 6, 2, 9, 1] {
-            assert!(matches!(held.insert(sequence, "e", None), Arrival::Held));
+            assert!(matches!(held.insert(sequence, "e", false), Arrival::Held));
         }
         assert_eq!(sequences(&held), [1, 2, 5, 6, 9]);
         assert_eq!(held.pop().map(|(s, _)| s), Some(1));
@@ -1048,10 +1158,10 @@ mod tests {
     #[test]
     fn an_event_sent_again_while_held_or_in_hand_is_held_once() {
         let mut held = Held::default();
-        held.insert(1, "first", None);
-        held.insert(2, "first", None);
-        assert!(matches!(held.insert(1, "again", None), Arrival::Again));
-        assert!(matches!(held.insert(3, "again", Some(3)), Arrival::Again));
+        held.insert(1, "first", false);
+        held.insert(2, "first", false);
+        assert!(matches!(held.insert(1, "again", false), Arrival::Again));
+        assert!(matches!(held.insert(3, "again", true), Arrival::Again));
         assert_eq!(sequences(&held), [1, 2]);
         assert_eq!(
             held.pop(),
@@ -1063,23 +1173,23 @@ mod tests {
     #[test]
     fn an_event_finished_in_this_run_is_given_back_to_be_acknowledged_again() {
         let mut held = Held::default();
-        held.insert(4, "e", None);
-        held.insert(7, "e", None);
+        held.insert(4, "e", false);
+        held.insert(7, "e", false);
         held.pop();
         held.finish(4);
         held.pop();
         held.finish(7);
         assert!(matches!(
-            held.insert(7, "again", None),
+            held.insert(7, "again", false),
             Arrival::Finished("again")
         ));
         assert!(matches!(
-            held.insert(5, "again", None),
+            held.insert(5, "again", false),
             Arrival::Finished("again")
         ));
         // Before the first finished: an earlier run's event, come back late.
-        assert!(matches!(held.insert(3, "late", None), Arrival::Held));
-        assert!(matches!(held.insert(8, "next", None), Arrival::Held));
+        assert!(matches!(held.insert(3, "late", false), Arrival::Held));
+        assert!(matches!(held.insert(8, "next", false), Arrival::Held));
         assert_eq!(sequences(&held), [3, 8]);
     }
 

@@ -88,6 +88,11 @@ pub enum ViewError {
 pub fn spec() -> Spec {
     Spec {
         from_start: true,
+        // Batches of up to half of it: a home's document (about 10 kB for
+        // 80 devices) is written once per batch however many of its events
+        // the batch holds, so with many homes a bigger batch writes far
+        // less (200 homes: 2,048 events in 200 writes, not 256 in 150).
+        prefetch: 4096,
         ..Spec::new(
             CONSUMER,
             &format!(
@@ -136,12 +141,12 @@ pub async fn run(
         stop.clone(),
         responder.run(store, stop.clone()),
     ));
-    let consumed = runtime::run(
+    let consumed = runtime::run_batches(
         &js,
         &spec(),
-        move |received| {
+        move |events| {
             let projection = projection.clone();
-            async move { projection.handle(received).await }
+            async move { projection.handle(events).await }
         },
         stop.clone(),
     )

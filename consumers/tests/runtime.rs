@@ -573,3 +573,100 @@ async fn a_command_for_the_same_event_and_action_is_stored_once() {
         Some("hearth.v1.Command")
     );
 }
+
+/// A batch handler gets the events ready together, in order; each is
+/// finished by its own outcome, and the one tried again comes back alone,
+/// before anything newer.
+#[tokio::test]
+async fn events_handed_over_in_batches_are_finished_each_by_its_own_outcome() {
+    let (_nats, js) = setup().await;
+    let spec = quick("hearth-test-batch-handler");
+    run_until(&js, &spec, |_| None, |_| true).await;
+    let ids: Vec<String> = (0..10).map(|i| format!("b{i}")).collect();
+    for id in &ids {
+        store(&js, &motion(id, "pir")).await;
+    }
+    // Each batch: its events' ids and attempts.
+    type Batches = Vec<Vec<(String, i64)>>;
+    let batches: Arc<Mutex<Batches>> = Arc::default();
+    let shutdown = CancellationToken::new();
+    let recorder = Arc::clone(&batches);
+    let stopper = shutdown.clone();
+    let guard = {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(PROMPTLY).await;
+            shutdown.cancel();
+        })
+    };
+    let stats = runtime::run_batches(
+        &js,
+        &spec,
+        move |events: Vec<Received>| {
+            let outcomes: Vec<Result<(), HandlerError>> = events
+                .iter()
+                .map(
+                    |received| match (received.event.id.as_str(), received.attempt) {
+                        ("b3", 1) => Err(HandlerError::Retry("not yet".into())),
+                        ("b5", _) => Err(HandlerError::Poison("never".into())),
+                        _ => Ok(()),
+                    },
+                )
+                .collect();
+            let mut batches = recorder.lock().unwrap();
+            batches.push(
+                events
+                    .iter()
+                    .map(|r| (r.event.id.clone(), r.attempt))
+                    .collect(),
+            );
+            let seen: usize = batches.iter().map(Vec::len).sum();
+            if seen >= 11 {
+                stopper.cancel();
+            }
+            async move { outcomes }
+        },
+        shutdown,
+    )
+    .await
+    .expect("runs");
+    guard.abort();
+    let batches = batches.lock().unwrap().clone();
+    let first_attempts: Vec<String> = batches
+        .iter()
+        .flatten()
+        .filter(|(_, attempt)| *attempt == 1)
+        .map(|(id, _)| id.clone())
+        .collect();
+    assert_eq!(first_attempts, ids, "every event once, in stream order");
+    let again = batches
+        .iter()
+        .position(|batch| batch.iter().any(|(_, attempt)| *attempt == 2))
+        .expect("b3 tried again");
+    assert_eq!(
+        batches[again],
+        [("b3".to_owned(), 2)],
+        "alone, as soon as it failed"
+    );
+    assert!(
+        batches.iter().any(|batch| batch.len() > 1),
+        "events ready together come together: {batches:?}"
+    );
+    assert_eq!(
+        stats,
+        runtime::Stats {
+            handled: 9,
+            retried: 1,
+            dead_lettered: 1
+        }
+    );
+    let mut consumer: jetstream::consumer::PullConsumer = js
+        .get_consumer_from_stream("hearth-test-batch-handler", "HEARTH_EVENTS")
+        .await
+        .unwrap();
+    let info = consumer.info().await.unwrap();
+    assert_eq!((info.num_ack_pending, info.num_pending), (0, 0));
+    let dlq = js.get_stream("HEARTH_DLQ").await.unwrap();
+    let letter = dlq.get_last_raw_message_by_subject("hearth.dlq.>").await;
+    assert!(letter.is_ok(), "the poison event is dead-lettered");
+}

@@ -1,12 +1,14 @@
 //! Applying events to the homes' documents and storing them.
 //!
 //! The documents are kept in memory (read from the bucket once, at start),
-//! so an event costs one KV write and no read. The write is the
-//! confirmation: the runtime acknowledges the event only after it. Each
-//! write expects the revision this instance last wrote or read, so a
-//! document changed by another writer meanwhile (a second process by
+//! so an event costs no read, and the runtime hands events over in
+//! batches: each home changed by a batch is written once, every home at the
+//! same time, so one round trip confirms many events. The write is the
+//! confirmation: the runtime acknowledges an event only after its home's
+//! write. Each write expects the revision this instance last wrote or read,
+//! so a document changed by another writer meanwhile (a second process by
 //! mistake, `nats kv put`) is not overwritten: the home is read again and
-//! the event applied to what is stored (and skipped if already in it).
+//! its events tried again on what is stored (skipped where already in it).
 //! The view itself runs once per consumer, as every rule does (see
 //! `runtime`).
 
@@ -23,9 +25,6 @@ use super::document::{Applied, HomeView};
 use super::ViewError;
 use crate::runtime::{HandlerError, Received};
 use crate::state;
-
-/// How often an event is applied again after the home changed under it.
-const CONFLICT_ATTEMPTS: usize = 3;
 
 /// A home's document and the bucket revision it was stored at (0: none).
 #[derive(Debug)]
@@ -68,83 +67,131 @@ impl Projection {
         })
     }
 
-    /// The runtime's handler: applies one event to its home's document and
-    /// stores the document.
-    pub(super) async fn handle(&self, received: Received) -> Result<(), HandlerError> {
-        let event = &received.event;
-        let sequence = received.stream_sequence;
-        if event.home.is_empty() {
-            debug!(sequence, "an event without a home; nothing to project");
-            return Ok(());
-        }
-        let home = event.home.as_str();
+    /// The runtime's handler: applies a batch of events to their homes'
+    /// documents in memory, then stores each home changed once, all homes
+    /// at the same time. An event's outcome is its home's write: it is
+    /// acknowledged only once the document holding it is stored.
+    pub(super) async fn handle(&self, events: Vec<Received>) -> Vec<Result<(), HandlerError>> {
+        let mut outcomes: Vec<Result<(), HandlerError>> = Vec::with_capacity(events.len());
         let mut homes = self.homes.lock().await;
-        for _ in 0..CONFLICT_ATTEMPTS {
+        // The homes changed, each with the events (their places in
+        // `outcomes`) its next write confirms.
+        let mut changed: HashMap<String, Vec<usize>> = HashMap::new();
+        // Homes that could not be read: their events wait for a retry, so
+        // none is applied before an earlier one.
+        let mut unreadable: HashMap<String, String> = HashMap::new();
+        for (place, received) in events.iter().enumerate() {
+            outcomes.push(Ok(()));
+            let event = &received.event;
+            let sequence = received.stream_sequence;
+            if event.home.is_empty() {
+                debug!(sequence, "an event without a home; nothing to project");
+                continue;
+            }
+            let home = event.home.as_str();
+            if let Some(problem) = unreadable.get(home) {
+                outcomes[place] = Err(HandlerError::Retry(problem.clone()));
+                continue;
+            }
             if !homes.contains_key(home) {
-                let kept = read(&self.store, home)
-                    .await
-                    .map_err(HandlerError::Retry)?
-                    .unwrap_or_else(|| Kept {
-                        view: HomeView::new(home),
-                        revision: 0,
-                    });
-                homes.insert(home.to_owned(), kept);
+                match read(&self.store, home).await {
+                    Ok(kept) => {
+                        let kept = kept.unwrap_or_else(|| Kept {
+                            view: HomeView::new(home),
+                            revision: 0,
+                        });
+                        homes.insert(home.to_owned(), kept);
+                    }
+                    Err(problem) => {
+                        outcomes[place] = Err(HandlerError::Retry(problem.clone()));
+                        unreadable.insert(home.to_owned(), problem);
+                        continue;
+                    }
+                }
             }
             let Some(kept) = homes.get_mut(home) else {
                 continue;
             };
             match kept.view.apply(sequence, event) {
-                Applied::Changed => {}
-                Applied::AlreadyApplied => {
-                    debug!(
-                        home,
-                        sequence,
-                        applied = kept.view.sequence,
-                        "applied before; skipped"
-                    );
-                    return Ok(());
-                }
-                Applied::Ignored => return Ok(()),
+                Applied::Changed => changed.entry(home.to_owned()).or_default().push(place),
+                Applied::AlreadyApplied => debug!(
+                    home,
+                    sequence,
+                    applied = kept.view.sequence,
+                    "applied before; skipped"
+                ),
+                Applied::Ignored => {}
             }
-            let bytes = match serde_json::to_vec(&kept.view) {
-                Ok(bytes) => bytes,
-                Err(error) => {
-                    homes.remove(home);
-                    return Err(HandlerError::Poison(format!(
-                        "the view of {home:?} does not serialise: {error}"
-                    )));
-                }
+        }
+        // Each write is sent as soon as its document is serialised (a task
+        // of its own), while the next is serialised.
+        let mut writes = Vec::with_capacity(changed.len());
+        for (home, confirms) in changed {
+            let Some(kept) = homes.get(&home) else {
+                continue;
             };
-            match self
-                .store
-                .update(bucket::key(home), bytes.into(), kept.revision)
-                .await
-            {
-                Ok(revision) => {
-                    kept.revision = revision;
-                    debug!(home, room = %event.room, sequence, "applied");
-                    return Ok(());
+            match serde_json::to_vec(&kept.view) {
+                Ok(bytes) => {
+                    let store = self.store.clone();
+                    let (key, revision) = (bucket::key(&home), kept.revision);
+                    let write =
+                        tokio::spawn(
+                            async move { store.update(key, bytes.into(), revision).await },
+                        );
+                    writes.push((home, confirms, write));
                 }
                 Err(error) => {
-                    // What is in memory is now ahead of the bucket: read the
-                    // home again before anything else is applied to it.
-                    homes.remove(home);
-                    if error.kind() == UpdateErrorKind::WrongLastRevision {
-                        warn!(
-                            home,
-                            "the home's view changed in the bucket; reading it again"
-                        );
-                        continue;
+                    // The last event made it so; the ones before it may
+                    // go in without it when tried again.
+                    homes.remove(&home);
+                    let problem = format!("the view of {home:?} does not serialise: {error}");
+                    if let Some((last, before)) = confirms.split_last() {
+                        for &place in before {
+                            outcomes[place] = Err(HandlerError::Retry(problem.clone()));
+                        }
+                        outcomes[*last] = Err(HandlerError::Poison(problem));
                     }
-                    return Err(HandlerError::Retry(format!(
-                        "cannot store the view of {home:?}: {error}"
-                    )));
                 }
             }
         }
-        Err(HandlerError::Retry(format!(
-            "the view of {home:?} kept changing in the bucket while applying the event"
-        )))
+        for (home, confirms, write) in writes {
+            let written = match write.await {
+                Ok(written) => written,
+                Err(error) => {
+                    homes.remove(&home);
+                    let failure = format!("storing the view of {home:?} stopped: {error}");
+                    for place in confirms {
+                        outcomes[place] = Err(HandlerError::Retry(failure.clone()));
+                    }
+                    continue;
+                }
+            };
+            let failure = match written {
+                Ok(revision) => {
+                    if let Some(kept) = homes.get_mut(&home) {
+                        kept.revision = revision;
+                    }
+                    debug!(home, events = confirms.len(), revision, "stored");
+                    continue;
+                }
+                Err(error) if error.kind() == UpdateErrorKind::WrongLastRevision => {
+                    warn!(
+                        home,
+                        "the home's view changed in the bucket; reading it again"
+                    );
+                    format!("the view of {home:?} changed in the bucket while applying the events")
+                }
+                Err(error) => format!("cannot store the view of {home:?}: {error}"),
+            };
+            // What is in memory is now ahead of the bucket: the home is
+            // read again when its events are tried again, and applied to
+            // what is stored (skipped where it already holds them).
+            homes.remove(&home);
+            for place in confirms {
+                outcomes[place] = Err(HandlerError::Retry(failure.clone()));
+            }
+        }
+        outcomes
     }
 }
 
