@@ -81,9 +81,9 @@ async fn main() {
     let lights = Lights::open(&js, homes, Commands::new(js.clone(), Encoding::Json))
         .await
         .expect("lights state");
-    let figures = consume(&js, "bench-lights", events, move |received| {
+    let figures = consume_batches(&js, "bench-lights", events, move |batch| {
         let lights = lights.clone();
-        async move { lights.handle(received).await }
+        async move { lights.handle_batch(batch).await }
     })
     .await;
     println!("  (b) lights rule, readings and some motion: {figures}");
@@ -317,15 +317,14 @@ fn reading(i: u64, random: &mut Random, homes: u64) -> v1::Event {
     }
 }
 
-/// Runs a consumer reading from the start over the `count` stored events;
-/// the figures once all are handled and acknowledged.
+/// Runs a consumer reading from the start over the `count` stored events,
+/// one at a time; the figures once all are handled and acknowledged.
 async fn consume<H, F>(js: &jetstream::Context, name: &str, count: u64, handler: H) -> String
 where
     H: Fn(Received) -> F + Send + 'static,
     F: std::future::Future<Output = Result<(), runtime::HandlerError>> + Send,
 {
-    let mut spec = Spec::new(name, "throughput bench", "hearth.evt.>");
-    spec.from_start = true;
+    let spec = bench_spec(name);
     let handled = Arc::new(AtomicU64::new(0));
     let shutdown = CancellationToken::new();
     let started = Instant::now();
@@ -349,6 +348,64 @@ where
             .await
         })
     };
+    figures(js, name, count, started, &handled, run, shutdown).await
+}
+
+/// [`consume`], the events handed over in batches.
+async fn consume_batches<H, F>(
+    js: &jetstream::Context,
+    name: &str,
+    count: u64,
+    handler: H,
+) -> String
+where
+    H: Fn(Vec<Received>) -> F + Send + 'static,
+    F: std::future::Future<Output = Vec<Result<(), runtime::HandlerError>>> + Send,
+{
+    let spec = bench_spec(name);
+    let handled = Arc::new(AtomicU64::new(0));
+    let shutdown = CancellationToken::new();
+    let started = Instant::now();
+    let run = {
+        let (js, spec, handled, stop) = (
+            js.clone(),
+            spec.clone(),
+            Arc::clone(&handled),
+            shutdown.clone(),
+        );
+        tokio::spawn(async move {
+            runtime::run_batches(
+                &js,
+                &spec,
+                move |events| {
+                    handled.fetch_add(events.len() as u64, Ordering::Relaxed);
+                    handler(events)
+                },
+                stop,
+            )
+            .await
+        })
+    };
+    figures(js, name, count, started, &handled, run, shutdown).await
+}
+
+fn bench_spec(name: &str) -> Spec {
+    let mut spec = Spec::new(name, "throughput bench", "hearth.evt.>");
+    spec.from_start = true;
+    spec
+}
+
+/// Waits until `count` events are handled and acknowledged, stops the run
+/// and tells how long it took.
+async fn figures(
+    js: &jetstream::Context,
+    name: &str,
+    count: u64,
+    started: Instant,
+    handled: &AtomicU64,
+    run: tokio::task::JoinHandle<Result<runtime::Stats, runtime::RuntimeError>>,
+    shutdown: CancellationToken,
+) -> String {
     while handled.load(Ordering::Relaxed) < count {
         if run.is_finished() {
             panic!("the run ended early: {:?}", run.await);

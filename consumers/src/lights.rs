@@ -30,8 +30,12 @@
 //!   fires at once on restart.
 //! - Commands are issued idempotently (see `commands`): the same event, or
 //!   the same off time, never commands twice.
+//! - Events come in batches (what is ready, see `runtime::run_batches`):
+//!   their commands are in flight together and each room is written once,
+//!   so a burst (or a slow moment of the server) drains in a few round
+//!   trips rather than two per event.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -78,6 +82,39 @@ pub struct RoomState {
     /// the epoch) they last said so.
     #[serde(default)]
     pub occupied: BTreeMap<String, u64>,
+}
+
+/// What a batch of events asks of NATS, and what to put back if it fails.
+#[derive(Debug, Default)]
+struct Work {
+    /// In the order the events asked for them.
+    commands: Vec<Planned>,
+    /// The rooms to write.
+    saves: BTreeSet<String>,
+    /// Every room changed in memory, as it was before the batch.
+    touched: BTreeMap<String, Option<RoomState>>,
+    /// The events that changed a room.
+    places: BTreeSet<usize>,
+}
+
+impl Work {
+    /// Notes that event `place` changes room `key` (before it does).
+    fn touch(&mut self, rooms: &BTreeMap<String, RoomState>, key: &str, place: usize) {
+        self.touched
+            .entry(key.to_owned())
+            .or_insert_with(|| rooms.get(key).cloned());
+        self.places.insert(place);
+    }
+}
+
+/// A light command of a batch, caused by its event `place`.
+#[derive(Debug)]
+struct Planned {
+    place: usize,
+    room: String,
+    light: String,
+    set: v1::LightSet,
+    action: String,
 }
 
 /// The consumer of this rule.
@@ -151,22 +188,62 @@ impl Lights {
         self
     }
 
-    /// Handles one event.
+    /// Handles one event (see [`Lights::handle_batch`]).
     pub async fn handle(&self, received: Received) -> Result<(), HandlerError> {
-        let event = &received.event;
+        self.handle_batch(vec![received])
+            .await
+            .pop()
+            .unwrap_or(Ok(()))
+    }
+
+    /// Handles events in order: works out each one's effect on its room in
+    /// memory, then issues the batch's commands (all in flight at once, in
+    /// order), then writes each room changed once. A command or a write
+    /// that fails puts every room the batch touched back as it was, and
+    /// the events that touched one are tried again (the commands issued
+    /// meanwhile are not issued twice: same cause, same dedup id).
+    pub async fn handle_batch(&self, events: Vec<Received>) -> Vec<Result<(), HandlerError>> {
+        let mut outcomes: Vec<Result<(), HandlerError>> = events.iter().map(|_| Ok(())).collect();
+        let mut rooms = self.rooms.lock().await;
+        let mut work = Work::default();
+        for (place, received) in events.iter().enumerate() {
+            self.plan(&mut rooms, place, &received.event, &mut work);
+        }
+        if let Err(error) = self.carry_out(&rooms, &events, &work).await {
+            for (key, before) in work.touched {
+                match before {
+                    Some(state) => rooms.insert(key, state),
+                    None => rooms.remove(&key),
+                };
+            }
+            for place in work.places {
+                outcomes[place] = Err(HandlerError::Retry(error.clone()));
+            }
+        }
+        outcomes
+    }
+
+    /// The effect of event `place` on the rooms, in memory, and the
+    /// commands and writes it needs, in `work`.
+    fn plan(
+        &self,
+        rooms: &mut BTreeMap<String, RoomState>,
+        place: usize,
+        event: &v1::Event,
+        work: &mut Work,
+    ) {
         let Some(body) = &event.body else {
-            return Ok(());
+            return;
         };
         if let Body::AlarmState(alarm) = body {
             if alarm.state() == v1::AlarmStatus::Triggered {
-                return self.alarm_triggered(event).await;
+                self.plan_alarm_triggered(rooms, place, event, work);
             }
-            return Ok(());
+            return;
         }
         let Some(room) = self.homes.room(&event.home, &event.room) else {
-            return Ok(());
+            return;
         };
-        let mut rooms = self.rooms.lock().await;
         let key = key(&event.home, &event.room);
         let mut state = rooms.get(&key).cloned().unwrap_or_default();
         let before = state.clone();
@@ -180,8 +257,9 @@ impl Lights {
                     // Kept in memory only: what the bucket holds still
                     // says dark or bright rightly, and a sensor reporting
                     // every few seconds costs no write.
+                    work.touch(rooms, &key, place);
                     rooms.insert(key, state);
-                    return Ok(());
+                    return;
                 }
             }
             Body::Light(light) if room.lights.contains(&event.device) => {
@@ -195,7 +273,7 @@ impl Lights {
             }
             Body::Motion(_) if state.manual_until.is_some_and(|until| until > now) => {
                 debug!("the room is under manual control; motion ignored");
-                return Ok(());
+                return;
             }
             Body::Motion(motion) => {
                 state.manual_until = None;
@@ -207,18 +285,13 @@ impl Lights {
                         if state.lights.get(light) == Some(&true) {
                             continue;
                         }
-                        let target = Target {
-                            home: &event.home,
-                            room: &event.room,
-                            device: light,
-                        };
-                        self.command(
-                            event,
-                            target,
-                            switch(true, brightness),
-                            &format!("on-{light}"),
-                        )
-                        .await?;
+                        work.commands.push(Planned {
+                            place,
+                            room: event.room.clone(),
+                            light: light.clone(),
+                            set: switch(true, brightness),
+                            action: format!("on-{light}"),
+                        });
                         state.lights.insert(light.clone(), true);
                         state.commanded.insert(light.clone(), true);
                     }
@@ -233,11 +306,84 @@ impl Lights {
                 state.off_at = Some(now + millis(room.off_after));
                 state.cause = Some(Cause::of(event));
             }
-            _ => return Ok(()),
+            _ => return,
         }
         if state != before {
-            self.save(&key, &state).await?;
+            work.touch(rooms, &key, place);
+            work.saves.insert(key.clone());
             rooms.insert(key, state);
+        }
+    }
+
+    /// Every light of the home on, whatever the lux, hour or override,
+    /// and left on (no off time).
+    fn plan_alarm_triggered(
+        &self,
+        rooms: &mut BTreeMap<String, RoomState>,
+        place: usize,
+        event: &v1::Event,
+        work: &mut Work,
+    ) {
+        let Some(home) = self.homes.homes.get(&event.home) else {
+            return;
+        };
+        for (room, config) in &home.rooms {
+            if config.lights.is_empty() {
+                continue;
+            }
+            let key = key(&event.home, room);
+            work.touch(rooms, &key, place);
+            let mut state = rooms.get(&key).cloned().unwrap_or_default();
+            // Lit until someone switches them off.
+            state.off_at = None;
+            for light in &config.lights {
+                if state.lights.get(light) == Some(&true) {
+                    continue;
+                }
+                work.commands.push(Planned {
+                    place,
+                    room: room.clone(),
+                    light: light.clone(),
+                    set: switch(true, Some(100)),
+                    action: format!("alarm-on-{room}-{light}"),
+                });
+                state.lights.insert(light.clone(), true);
+                state.commanded.insert(light.clone(), true);
+            }
+            work.saves.insert(key.clone());
+            rooms.insert(key, state);
+        }
+        info!(home = %event.home, "the alarm triggered: every light on");
+    }
+
+    /// Issues `work`'s commands, then writes its rooms: commands first, so
+    /// that a room is never stored as commanded when its command is not.
+    async fn carry_out(
+        &self,
+        rooms: &BTreeMap<String, RoomState>,
+        events: &[Received],
+        work: &Work,
+    ) -> Result<(), String> {
+        // Sent in order on the one connection: a light's on and off in the
+        // same batch reach it in that order.
+        let issued = work.commands.iter().map(|planned| {
+            let cause = &events[planned.place].event;
+            let target = Target {
+                home: &cause.home,
+                room: &planned.room,
+                device: &planned.light,
+            };
+            self.command(cause, target, planned.set, &planned.action)
+        });
+        for outcome in futures::future::join_all(issued).await {
+            outcome.map_err(|error| error.to_string())?;
+        }
+        let saved = work
+            .saves
+            .iter()
+            .filter_map(|key| Some(self.save(key, rooms.get(key)?)));
+        for outcome in futures::future::join_all(saved).await {
+            outcome.map_err(|error| error.to_string())?;
         }
         Ok(())
     }
@@ -319,43 +465,6 @@ impl Lights {
             rooms.insert(key, state);
             info!(home, room, "no motion for the room's delay: lights off");
         }
-        Ok(())
-    }
-
-    /// Every light of the home on, whatever the lux, hour or override,
-    /// and left on (no off time).
-    async fn alarm_triggered(&self, event: &v1::Event) -> Result<(), HandlerError> {
-        let Some(home) = self.homes.homes.get(&event.home) else {
-            return Ok(());
-        };
-        let mut rooms = self.rooms.lock().await;
-        for (room, config) in &home.rooms {
-            if config.lights.is_empty() {
-                continue;
-            }
-            let key = key(&event.home, room);
-            let mut state = rooms.get(&key).cloned().unwrap_or_default();
-            // Lit until someone switches them off.
-            state.off_at = None;
-            for light in &config.lights {
-                if state.lights.get(light) == Some(&true) {
-                    continue;
-                }
-                let target = Target {
-                    home: &event.home,
-                    room,
-                    device: light,
-                };
-                let action = format!("alarm-on-{room}-{light}");
-                self.command(event, target, switch(true, Some(100)), &action)
-                    .await?;
-                state.lights.insert(light.clone(), true);
-                state.commanded.insert(light.clone(), true);
-            }
-            self.save(&key, &state).await?;
-            rooms.insert(key, state);
-        }
-        info!(home = %event.home, "the alarm triggered: every light on");
         Ok(())
     }
 

@@ -209,12 +209,12 @@ async fn run_lights(context: Started, shutdown: CancellationToken) -> anyhow::Re
         .await
         .map_err(|error| anyhow!("cannot open the lights state: {error}"))?;
     let timers = tokio::spawn(lights.clone().run_timers(shutdown.clone()));
-    runtime::run(
+    runtime::run_batches(
         &context.js,
         &lights::spec(),
-        move |received| {
+        move |events| {
             let lights = lights.clone();
-            async move { lights.handle(received).await }
+            async move { lights.handle_batch(events).await }
         },
         shutdown,
     )

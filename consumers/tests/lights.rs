@@ -53,12 +53,12 @@ async fn start_on(
     let js_for_run = js.clone();
     let stop = shutdown.clone();
     let task = tokio::spawn(async move {
-        runtime::run(
+        runtime::run_batches(
             &js_for_run,
             &lights::spec(),
-            move |received| {
+            move |events| {
                 let lights = lights.clone();
-                async move { lights.handle(received).await }
+                async move { lights.handle_batch(events).await }
             },
             stop,
         )
@@ -228,6 +228,57 @@ async fn an_off_time_that_came_while_the_rule_was_down_fires_when_it_is_back() {
             .all(|(_, on, cause)| !on && cause == "m1-clear"),
         "{all:?}"
     );
+    stop.cancel();
+    task.await.unwrap();
+}
+
+/// A command that cannot be stored puts the room back as it was and the
+/// events are tried again: once it can, the lights are commanded once each
+/// and the room is stored as lit.
+#[tokio::test]
+async fn a_command_that_cannot_be_stored_leaves_the_room_as_it_was_until_tried_again() {
+    let (_nats, js) = common::start_nats_with_streams().await;
+    js.delete_stream("HEARTH_COMMANDS")
+        .await
+        .expect("no commands stream");
+    let (stop, task) = start(&js, homes("1h")).await;
+    event(&js, "l1", "lux", lux(5.0)).await;
+    event(&js, "m1", "pir", motion(true)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let state = js.get_key_value(lights::BUCKET).await.unwrap();
+    assert_eq!(
+        state.get(lights::key("home", "hall")).await.unwrap(),
+        None,
+        "not stored as commanded while the command is not"
+    );
+    let config = hearth_gateway::config::Config::default();
+    hearth_gateway::jetstream::streams::ensure(&js, &config.storage, &config.mqtt)
+        .await
+        .unwrap();
+    let on = wait_for_commands(&js, 2).await;
+    assert_eq!(
+        on,
+        [
+            ("ceiling".to_owned(), true, "m1".to_owned()),
+            ("lamp".to_owned(), true, "m1".to_owned())
+        ]
+    );
+    let stored = common::wait_until(
+        PROMPTLY,
+        "the room stored as lit",
+        async || state.get(lights::key("home", "hall")).await.unwrap(),
+        Option::is_some,
+    )
+    .await
+    .unwrap();
+    let room: lights::RoomState = serde_json::from_slice(&stored).unwrap();
+    assert_eq!(
+        room.lights.values().copied().collect::<Vec<_>>(),
+        [true, true]
+    );
+    assert_eq!(room.lux, Some(5.0), "the reading before it kept");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(commands(&js).await.len(), 2, "commanded once");
     stop.cancel();
     task.await.unwrap();
 }
