@@ -10,7 +10,8 @@
 //! (c) security, (d) view, (e) notify.
 //!
 //! Run: `cargo bench -p hearth-consumers --bench throughput`.
-//! `HEARTH_BENCH_EVENTS` (default 200000), `HEARTH_NATS_SERVER` (the
+//! `HEARTH_BENCH_EVENTS` (default 200000), `HEARTH_BENCH_ONLY` (the parts
+//! to run, e.g. `bd`; default all), `HEARTH_NATS_SERVER` (the
 //! nats-server, see hearth-test-support). Each rule gets a fresh server;
 //! everything runs on this machine.
 
@@ -53,124 +54,136 @@ async fn main() {
         return;
     }
     let events = setting("HEARTH_BENCH_EVENTS", 200_000);
+    let only = std::env::var("HEARTH_BENCH_ONLY").unwrap_or_else(|_| "abcde".into());
+    let wanted = |part: char| only.contains(part);
 
     let (nats, js) = server().await;
     println!(
         "hearth consumer throughput: {events} events stored beforehand, read from the start by one consumer (nats-server {})",
         nats.server().version().unwrap_or("?")
     );
-    let loaded = load(&js, events, 1).await;
-    println!(
-        "  loaded in {:.2} s ({:.0} events/s, pipelined publishes)",
-        loaded.as_secs_f64(),
-        events as f64 / loaded.as_secs_f64()
-    );
-    let figures = consume(&js, "bench-runtime", events, |_| async { Ok(()) }).await;
-    println!("  (a) runtime, a handler that does nothing: {figures}");
+    if wanted('a') {
+        let loaded = load(&js, events, 1).await;
+        println!(
+            "  loaded in {:.2} s ({:.0} events/s, pipelined publishes)",
+            loaded.as_secs_f64(),
+            events as f64 / loaded.as_secs_f64()
+        );
+        let figures = consume(&js, "bench-runtime", events, |_| async { Ok(()) }).await;
+        println!("  (a) runtime, a handler that does nothing: {figures}");
+    }
     drop(nats);
 
-    let (nats, js) = server().await;
-    load(&js, events, 1).await;
-    let mut homes = String::new();
-    for room in 0..ROOMS {
-        homes.push_str(&format!(
-            "[homes.bench.rooms.r{room}]\nlights = [\"ceiling\"]\nlux_below = 30\noff_after = \"5m\"\n"
-        ));
+    if wanted('b') {
+        let (nats, js) = server().await;
+        load(&js, events, 1).await;
+        let mut homes = String::new();
+        for room in 0..ROOMS {
+            homes.push_str(&format!(
+                "[homes.bench.rooms.r{room}]\nlights = [\"ceiling\"]\nlux_below = 30\noff_after = \"5m\"\n"
+            ));
+        }
+        let homes = Homes::parse(Path::new("bench.toml"), &homes).expect("homes");
+        let lights = Lights::open(&js, homes, Commands::new(js.clone(), Encoding::Json))
+            .await
+            .expect("lights state");
+        let figures = consume_batches(&js, "bench-lights", events, move |batch| {
+            let lights = lights.clone();
+            async move { lights.handle_batch(batch).await }
+        })
+        .await;
+        println!("  (b) lights rule, readings and some motion: {figures}");
+        drop(nats);
     }
-    let homes = Homes::parse(Path::new("bench.toml"), &homes).expect("homes");
-    let lights = Lights::open(&js, homes, Commands::new(js.clone(), Encoding::Json))
-        .await
-        .expect("lights state");
-    let figures = consume_batches(&js, "bench-lights", events, move |batch| {
-        let lights = lights.clone();
-        async move { lights.handle_batch(batch).await }
-    })
-    .await;
-    println!("  (b) lights rule, readings and some motion: {figures}");
-    drop(nats);
 
     // (c) the security rule, every motion sensor an interior zone of a
     // disarmed alarm: each detected/clear flip is a state change written
     // through to its bucket.
-    let (nats, js) = server().await;
-    load(&js, events, 1).await;
-    let mut homes = String::from("[homes.bench.security]\n");
-    for room in 0..ROOMS {
-        homes.push_str(&format!(
-            "[homes.bench.security.zones.\"r{room}/pir\"]\ntype = \"interior\"\n"
-        ));
+    if wanted('c') {
+        let (nats, js) = server().await;
+        load(&js, events, 1).await;
+        let mut homes = String::from("[homes.bench.security]\n");
+        for room in 0..ROOMS {
+            homes.push_str(&format!(
+                "[homes.bench.security.zones.\"r{room}/pir\"]\ntype = \"interior\"\n"
+            ));
+        }
+        let homes = Arc::new(Homes::parse(Path::new("bench.toml"), &homes).expect("homes"));
+        let client = async_nats::connect(nats.url()).await.expect("connect");
+        let clock = Clock::system();
+        let security = Security::open(
+            &js,
+            client,
+            homes,
+            Events::new(js.clone(), Encoding::Json, "bench-security", clock.clone()),
+            Commands::new(js.clone(), Encoding::Json),
+            clock,
+            "hearth",
+        )
+        .await
+        .expect("security state");
+        let figures = consume(&js, "bench-security", events, move |received| {
+            let security = security.clone();
+            async move { security.handle(received).await }
+        })
+        .await;
+        println!("  (c) security rule, motion zones of a disarmed alarm: {figures}");
+        drop(nats);
     }
-    let homes = Arc::new(Homes::parse(Path::new("bench.toml"), &homes).expect("homes"));
-    let client = async_nats::connect(nats.url()).await.expect("connect");
-    let clock = Clock::system();
-    let security = Security::open(
-        &js,
-        client,
-        homes,
-        Events::new(js.clone(), Encoding::Json, "bench-security", clock.clone()),
-        Commands::new(js.clone(), Encoding::Json),
-        clock,
-        "hearth",
-    )
-    .await
-    .expect("security state");
-    let figures = consume(&js, "bench-security", events, move |received| {
-        let security = security.clone();
-        async move { security.handle(received).await }
-    })
-    .await;
-    println!("  (c) security rule, motion zones of a disarmed alarm: {figures}");
-    drop(nats);
 
     // (d) the view: every event changes a home's document; the events
     // spread over many homes, so a batch writes many documents.
-    let (nats, js) = server().await;
-    load(&js, events, VIEW_HOMES).await;
-    let stop = CancellationToken::new();
-    let run = tokio::spawn(view::run(
-        js.clone(),
-        view::Options { http_listen: None },
-        stop.clone(),
-    ));
-    let figures = until_consumed(&js, view::CONSUMER, run, stop).await;
-    println!("  (d) view, {VIEW_HOMES} homes' documents: {figures}");
-    drop(nats);
+    if wanted('d') {
+        let (nats, js) = server().await;
+        load(&js, events, VIEW_HOMES).await;
+        let stop = CancellationToken::new();
+        let run = tokio::spawn(view::run(
+            js.clone(),
+            view::Options { http_listen: None },
+            stop.clone(),
+        ));
+        let figures = until_consumed(&js, view::CONSUMER, run, stop).await;
+        println!("  (d) view, {VIEW_HOMES} homes' documents: {figures}");
+        drop(nats);
+    }
 
     // (e) the notify rule with a recipient: readings pass through (no
     // condition in the mix to tell anyone about).
-    let (nats, js) = server().await;
-    load(&js, events, 1).await;
-    let homes = Homes::parse(
-        Path::new("bench.toml"),
-        "[homes.bench.notify]\n[[homes.bench.notify.recipients]]\nname = \"a\"\n[[homes.bench.notify.recipients.channels]]\nname = \"log\"\nkind = \"log\"\n",
-    )
-    .expect("homes");
-    // A rule reads only events from its start on: its consumer is made
-    // beforehand to read from the stream's start (the rule keeps it).
-    js.get_stream(runtime::EVENTS_STREAM)
-        .await
-        .expect("the stream")
-        .create_consumer(jetstream::consumer::pull::Config {
-            durable_name: Some(notify::CONSUMER.to_owned()),
-            filter_subject: "hearth.evt.>".to_owned(),
-            deliver_policy: jetstream::consumer::DeliverPolicy::All,
-            ack_policy: jetstream::consumer::AckPolicy::Explicit,
-            ..Default::default()
-        })
-        .await
-        .expect("the notify consumer");
-    let stop = CancellationToken::new();
-    let run = tokio::spawn(notify::run(
-        js.clone(),
-        Arc::new(homes),
-        Encoding::Json,
-        Clock::system(),
-        notify::Options { http_listen: None },
-        stop.clone(),
-    ));
-    let figures = until_consumed(&js, notify::CONSUMER, run, stop).await;
-    println!("  (e) notify rule, readings passing through: {figures}");
-    drop(nats);
+    if wanted('e') {
+        let (nats, js) = server().await;
+        load(&js, events, 1).await;
+        let homes = Homes::parse(
+            Path::new("bench.toml"),
+            "[homes.bench.notify]\n[[homes.bench.notify.recipients]]\nname = \"a\"\n[[homes.bench.notify.recipients.channels]]\nname = \"log\"\nkind = \"log\"\n",
+        )
+        .expect("homes");
+        // A rule reads only events from its start on: its consumer is made
+        // beforehand to read from the stream's start (the rule keeps it).
+        js.get_stream(runtime::EVENTS_STREAM)
+            .await
+            .expect("the stream")
+            .create_consumer(jetstream::consumer::pull::Config {
+                durable_name: Some(notify::CONSUMER.to_owned()),
+                filter_subject: "hearth.evt.>".to_owned(),
+                deliver_policy: jetstream::consumer::DeliverPolicy::All,
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ..Default::default()
+            })
+            .await
+            .expect("the notify consumer");
+        let stop = CancellationToken::new();
+        let run = tokio::spawn(notify::run(
+            js.clone(),
+            Arc::new(homes),
+            Encoding::Json,
+            Clock::system(),
+            notify::Options { http_listen: None },
+            stop.clone(),
+        ));
+        let figures = until_consumed(&js, notify::CONSUMER, run, stop).await;
+        println!("  (e) notify rule, readings passing through: {figures}");
+        drop(nats);
+    }
 }
 
 /// For a rule that runs its own consumer: the rate once the consumer
