@@ -97,14 +97,23 @@ impl Commands {
             NATS_MESSAGE_ID,
             format!("cmd-{}-{}", cause.id, action).as_str(),
         );
-        let ack = self
-            .js
-            .publish_with_headers(subject, map, self.encoding.encode(&command))
-            .await
-            .map_err(|e| IssueError::Store(e.to_string()))?
-            .await
-            .map_err(|e| IssueError::Store(e.to_string()))?;
-        Ok(if ack.duplicate {
+        let ack = async {
+            self.js
+                .publish_with_headers(subject, map, self.encoding.encode(&command))
+                .await
+                .map_err(|e| IssueError::Store(e.to_string()))?
+                .await
+                .map_err(|e| IssueError::Store(e.to_string()))
+        }
+        .await;
+        let outcome = match &ack {
+            Ok(ack) if ack.duplicate => "duplicate",
+            Ok(_) => "stored",
+            Err(_) => "failed",
+        };
+        metrics::counter!("hearth_commands_total", "kind" => kind, "outcome" => outcome)
+            .increment(1);
+        Ok(if ack?.duplicate {
             Issued::AlreadyIssued
         } else {
             Issued::Stored {

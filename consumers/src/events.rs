@@ -158,14 +158,28 @@ impl Events {
             kind,
             problem: e.to_string(),
         };
-        let ack = self
-            .js
-            .publish_with_headers(subject, map, self.encoding.encode(&event))
-            .await
-            .map_err(|e| failed(&e))?
-            .await
-            .map_err(|e| failed(&e))?;
-        Ok(if ack.duplicate {
+        let ack = async {
+            self.js
+                .publish_with_headers(subject, map, self.encoding.encode(&event))
+                .await
+                .map_err(|e| failed(&e))?
+                .await
+                .map_err(|e| failed(&e))
+        }
+        .await;
+        let outcome = match &ack {
+            Ok(ack) if ack.duplicate => "duplicate",
+            Ok(_) => "stored",
+            Err(_) => "failed",
+        };
+        metrics::counter!(
+            "hearth_rule_events_total",
+            "rule" => self.rule.clone(),
+            "kind" => kind,
+            "outcome" => outcome
+        )
+        .increment(1);
+        Ok(if ack?.duplicate {
             Emitted::AlreadyStored
         } else {
             Emitted::Stored(event.id)

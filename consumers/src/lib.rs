@@ -11,7 +11,8 @@
 //! (the alarm), [`notify`] (notifications) and [`view`] (the read side),
 //! each configured by the [`homes`] file, keeping its state in a KV bucket
 //! ([`state`]), storing its own events ([`events`]) and going by a
-//! [`clock`] tests can move.
+//! [`clock`] tests can move. [`telemetry`] is what an operator watches:
+//! Prometheus metrics and health checks.
 
 pub mod clock;
 pub mod commands;
@@ -23,4 +24,5 @@ pub mod notify;
 pub mod runtime;
 pub mod security;
 pub mod state;
+pub mod telemetry;
 pub mod view;

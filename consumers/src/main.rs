@@ -16,6 +16,7 @@ use hearth_consumers::lights::{self, Lights};
 use hearth_consumers::notify;
 use hearth_consumers::runtime;
 use hearth_consumers::security::{self, panel, Security};
+use hearth_consumers::telemetry;
 use hearth_consumers::view;
 use hearth_proto::Encoding;
 use tokio_util::sync::CancellationToken;
@@ -50,6 +51,10 @@ struct Cli {
     /// loopback or behind a proxy.
     #[arg(long, env = "HEARTH_NOTIFY_LISTEN", value_name = "ADDR", default_value = notify::DEFAULT_HTTP_LISTEN, global = true)]
     notify_listen: String,
+    /// Where /metrics (Prometheus), /healthz and /readyz are served; `off`
+    /// for none.
+    #[arg(long, env = "HEARTH_METRICS_LISTEN", value_name = "ADDR", default_value_t = telemetry::DEFAULT_LISTEN.to_string(), global = true)]
+    metrics_listen: String,
     /// How commands are stored: json (readable) or protobuf.
     #[arg(long, env = "HEARTH_ENCODING", default_value = "json")]
     encoding: Encoding,
@@ -119,7 +124,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Arc::new(Homes::load(path)?)
         }
     };
-    let client = async_nats::connect(&cli.nats_url)
+    let metrics_listen = match cli.metrics_listen.as_str() {
+        "off" | "" => None,
+        text => Some(
+            text.parse::<std::net::SocketAddr>()
+                .with_context(|| format!("--metrics-listen {text:?} is not host:port (or off)"))?,
+        ),
+    };
+    let client = async_nats::ConnectOptions::new()
+        .event_callback(|event| async move { telemetry::nats_event(&event) })
+        .connect(&cli.nats_url)
         .await
         .with_context(|| format!("cannot connect to NATS at {}", cli.nats_url))?;
     let js = async_nats::jetstream::new(client.clone());
@@ -149,6 +163,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         matches!(cli.rule, Rule::All)
             || std::mem::discriminant(rule) == std::mem::discriminant(&cli.rule)
     };
+    if let Some(addr) = metrics_listen {
+        let metrics = telemetry::install()?;
+        let listener = telemetry::bind(addr).await?;
+        let (js, stop) = (context.js.clone(), shutdown.clone());
+        rules.spawn(async move {
+            telemetry::serve(listener, metrics, js, stop)
+                .await
+                .context("serving /metrics failed")
+        });
+        let consumers = [
+            (Rule::Lights, lights::CONSUMER),
+            (Rule::Security, security::CONSUMER),
+            (Rule::Notify, notify::CONSUMER),
+            (Rule::View { rebuild: false }, view::CONSUMER),
+        ]
+        .into_iter()
+        .filter(|(rule, _)| wanted(rule))
+        .map(|(_, name)| name)
+        .collect();
+        tokio::spawn(telemetry::follow_lag(
+            context.js.clone(),
+            consumers,
+            shutdown.clone(),
+        ));
+    }
     if wanted(&Rule::Lights) {
         rules.spawn(run_lights(context.clone(), shutdown.clone()));
     }

@@ -242,7 +242,7 @@ where
     let consumer = open_consumer(&stream, spec).await?;
     let mut feed = Feed::open(js, spec, consumer).await?;
     info!(consumer = %spec.name, filter = %spec.filter, prefetch = feed.capacity, "consuming");
-    let mut stats = Stats::default();
+    let mut stats = Tally::new(&spec.name);
     loop {
         let messages = feed.next(most, &shutdown).await;
         if messages.is_empty() {
@@ -262,6 +262,7 @@ where
         }
     }
     feed.hand_back().await;
+    let stats = stats.stats;
     info!(consumer = %spec.name, ?stats, "stopped");
     Ok(stats)
 }
@@ -311,6 +312,60 @@ async fn open_consumer(
     }
 }
 
+/// A run's [`Stats`], also counted in its metrics (see `telemetry`).
+struct Tally {
+    stats: Stats,
+    consumer: String,
+    handled: metrics::Counter,
+    retried: metrics::Counter,
+    dead_lettered: metrics::Counter,
+    handler_time: metrics::Histogram,
+}
+
+impl Tally {
+    fn new(consumer: &str) -> Self {
+        let events = |outcome: &'static str| {
+            metrics::counter!(
+                "hearth_consumer_events_total",
+                "consumer" => consumer.to_owned(),
+                "outcome" => outcome
+            )
+        };
+        Self {
+            stats: Stats::default(),
+            consumer: consumer.to_owned(),
+            handled: events("handled"),
+            retried: events("retried"),
+            dead_lettered: events("dead_lettered"),
+            handler_time: metrics::histogram!(
+                "hearth_consumer_handler_seconds",
+                "consumer" => consumer.to_owned()
+            ),
+        }
+    }
+
+    fn handled(&mut self) {
+        self.stats.handled += 1;
+        self.handled.increment(1);
+    }
+
+    fn retried(&mut self) {
+        self.stats.retried += 1;
+        self.retried.increment(1);
+    }
+
+    fn dead_lettered(&mut self, reason: &str) {
+        self.stats.dead_lettered += 1;
+        self.dead_lettered.increment(1);
+        metrics::counter!(
+            "hearth_dlq_events_total",
+            "consumer" => self.consumer.clone(),
+            "reason" => reason.to_owned()
+        )
+        .increment(1);
+    }
+}
+
 /// What became of the events in hand.
 #[derive(Debug, PartialEq, Eq)]
 enum Handled {
@@ -335,7 +390,7 @@ async fn handle<H, F>(
     handler: &mut H,
     feed: &mut Feed,
     messages: Vec<jetstream::Message>,
-    stats: &mut Stats,
+    stats: &mut Tally,
     shutdown: &CancellationToken,
 ) -> Handled
 where
@@ -416,10 +471,12 @@ where
             [] => unreachable!("not empty"),
         };
         let count = events.len();
+        let started = std::time::Instant::now();
         let mut outcomes = feed
             .alongside(handler(events).instrument(span.clone()))
             .await
             .into_iter();
+        stats.handler_time.record(started.elapsed());
         let mut failed = Vec::new();
         for attempt in attempts {
             let outcome = outcomes.next().unwrap_or_else(|| {
@@ -434,7 +491,7 @@ where
                         warn!(parent: &span, %error, "acknowledging failed; the event may come again");
                     }
                     feed.finished(attempt.sequence, &attempt.message);
-                    stats.handled += 1;
+                    stats.handled();
                 }
                 Err(HandlerError::Poison(error)) => failed.push((attempt, None, error)),
                 Err(HandlerError::Retry(error)) if attempt.attempt >= spec.max_deliver => {
@@ -451,7 +508,7 @@ where
             if again.is_some() {
                 let delay = retry_delay(spec.retry, attempt.attempt);
                 warn!(parent: &span, %error, attempt = attempt.attempt, sequence = attempt.sequence, retry_in = ?delay, "handling failed; trying again");
-                stats.retried += 1;
+                stats.retried();
                 retry_in = retry_in.max(delay);
                 pending.push(attempt);
                 continue;
@@ -502,6 +559,7 @@ fn retry_delay(first: Duration, attempt: i64) -> Duration {
 struct Letter {
     subject: String,
     headers: HeaderMap,
+    reason: String,
 }
 
 impl Letter {
@@ -520,6 +578,7 @@ impl Letter {
         Self {
             subject: format!("hearth.dlq.{}.{reason}", token(&spec.name)),
             headers,
+            reason: reason.to_owned(),
         }
     }
 }
@@ -533,7 +592,7 @@ async fn dead_letter(
     feed: &mut Feed,
     message: &jetstream::Message,
     letter: Letter,
-    stats: &mut Stats,
+    stats: &mut Tally,
     shutdown: &CancellationToken,
 ) -> Handled {
     let mut attempt = 1;
@@ -559,7 +618,7 @@ async fn dead_letter(
                 if let Ok(info) = message.info() {
                     feed.finished(info.stream_sequence, message);
                 }
-                stats.dead_lettered += 1;
+                stats.dead_lettered(&letter.reason);
                 return Handled::Done;
             }
             Err(error) => error,

@@ -182,6 +182,18 @@ async fn send(rule: &Rule, home_name: &str, message: Outgoing) {
     };
     delivery.attempts += 1;
     record.updated_ms = now;
+    let counted = match &outcome {
+        Err(_) if delivery.status == Status::Cancelled => "cancelled",
+        Ok(()) => "delivered",
+        Err(error) if error.permanent || delivery.attempts >= retry.tries => "failed",
+        Err(_) => "retrying",
+    };
+    metrics::counter!(
+        "hearth_notify_deliveries_total",
+        "channel" => message.channel.clone(),
+        "outcome" => counted
+    )
+    .increment(1);
     match outcome {
         // Acknowledged while this attempt was under way, and it failed:
         // nothing more to do.
