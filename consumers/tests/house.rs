@@ -80,7 +80,13 @@ async fn a_break_in_sounds_the_siren_over_mqtt_and_calls_the_webhook_once() {
     let homes = homes_file(dir.path(), hook);
     let mut rules = tokio::process::Command::new(env!("CARGO_BIN_EXE_hearth-consumers"))
         .args(["--nats-url", &nats.url(), "--view-listen", "127.0.0.1:0"])
-        .args(["--notify-listen", "off", "--homes"])
+        .args([
+            "--notify-listen",
+            "off",
+            "--metrics-listen",
+            "off",
+            "--homes",
+        ])
         .arg(&homes)
         .arg("all")
         .env("HEARTH_LOG", "warn")

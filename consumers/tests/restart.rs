@@ -53,6 +53,8 @@ fn spawn(url: &str, homes: &Path) -> tokio::process::Child {
             "127.0.0.1:0",
             "--notify-listen",
             "off",
+            "--metrics-listen",
+            "off",
         ])
         .arg("--homes")
         .arg(homes)
