@@ -7,9 +7,18 @@
 # rules finish the event in hand, the gateway stores what it was handed,
 # then stops its nats-server.
 #
-# Usage: scripts/run.sh [GATEWAY OPTIONS...]   (see: scripts/run.sh --help)
+# Usage: scripts/run.sh [--demo] [GATEWAY OPTIONS...]   (see: scripts/run.sh --help)
 #   e.g. scripts/run.sh --mqtt-listen 127.0.0.1:1884 --encoding protobuf
+#   --demo: simulated homes live in it too (hearth-sim, a normal day at 60
+#   times real time, $HEARTH_DEMO_HOMES homes, default 3), the rules
+#   following the simulator's homes file instead of deploy/homes.toml.
 set -euo pipefail
+
+demo=""
+if [ "${1:-}" = "--demo" ]; then
+    demo=1
+    shift
+fi
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
@@ -27,8 +36,14 @@ if [ -z "${HEARTH_NATS_SERVER:-}" ] && ! command -v nats-server >/dev/null 2>&1;
     done
 fi
 
-cargo build --release -p hearth-gateway -p hearth-consumers
+cargo build --release -p hearth-gateway -p hearth-consumers ${demo:+-p hearth-sim}
 export HEARTH_DATA_DIR="${HEARTH_DATA_DIR:-$repo/.data}"
+demo_args=(--homes "${HEARTH_DEMO_HOMES:-3}" --speed 60)
+if [ -n "$demo" ]; then
+    mkdir -p "$HEARTH_DATA_DIR"
+    target/release/hearth-sim "${demo_args[@]}" --write-homes "$HEARTH_DATA_DIR/demo-homes.toml" --only-write-homes
+    export HEARTH_HOMES="$HEARTH_DATA_DIR/demo-homes.toml"
+fi
 
 # Debian's nats-server package runs its own server on 4222; hearth's then
 # takes the next free port rather than failing.
@@ -65,7 +80,9 @@ export HEARTH_HOMES="${HEARTH_HOMES:-$repo/deploy/homes.toml}"
 target/release/hearth-gateway "$@" &
 gateway=$!
 rules=""
+sim=""
 stop() {
+    [ -n "$sim" ] && kill -INT "$sim" 2>/dev/null && wait "$sim" 2>/dev/null
     [ -n "$rules" ] && kill -TERM "$rules" 2>/dev/null && wait "$rules" 2>/dev/null
     kill -TERM "$gateway" 2>/dev/null
     wait "$gateway" 2>/dev/null
@@ -82,4 +99,17 @@ done
 echo "run.sh: house rules: all (homes file $HEARTH_HOMES)"
 target/release/hearth-consumers --nats-url "$nats_url" all &
 rules=$!
+if [ -n "$demo" ]; then
+    echo "run.sh: simulated homes (hearth-sim ${demo_args[*]}, a normal day; --help for more)"
+    # Its MQTT address: the gateway's, when given as --mqtt-listen.
+    mqtt="127.0.0.1:1883"
+    args=("$@")
+    for i in "${!args[@]}"; do
+        [ "${args[$i]}" = "--mqtt-listen" ] && mqtt="${args[$((i + 1))]:-$mqtt}"
+    done
+    sleep 2
+    target/release/hearth-sim "${demo_args[@]}" --duration 365days --nats-url "$nats_url" \
+        --mqtt-url "mqtt://${mqtt/0.0.0.0/127.0.0.1}" &
+    sim=$!
+fi
 wait "$gateway"
