@@ -13,6 +13,8 @@
 //! `HEARTH_BENCH_ONLY` measures a single figure (`raw`, `raw-shaped`, `gateway-1`,
 //! `gateway-50`, `nats-mqtt-1`, `nats-mqtt-50`), e.g. under a profiler.
 //! `HEARTH_BENCH_ENCODING=protobuf` stores protobuf instead of JSON events.
+//! The gateway records its metrics as the binary does;
+//! `HEARTH_BENCH_NO_METRICS=1` measures without.
 //! Everything runs on this machine: the load, the gateway and nats-server
 //! share its cores, as on a Raspberry Pi that hosts them all.
 
@@ -68,6 +70,11 @@ async fn main() {
     }
     if std::env::var_os("RUST_LOG").is_none() {
         std::env::set_var("RUST_LOG", "warn");
+    }
+    // Metrics recorded, as the binary records them (`HEARTH_BENCH_NO_METRICS`
+    // to measure without).
+    if std::env::var_os("HEARTH_BENCH_NO_METRICS").is_none() {
+        hearth_gateway::telemetry::install().expect("the metrics recorder");
     }
     let secs: u64 = std::env::var("HEARTH_BENCH_SECS")
         .ok()

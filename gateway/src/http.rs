@@ -1,5 +1,8 @@
 //! The HTTP endpoint: `/healthz` tells whether the gateway is alive and
-//! whether it can store events right now.
+//! whether it can store events right now (with its numbers, as JSON),
+//! `/readyz` whether it is ready to take devices' events (NATS connected,
+//! `HEARTH_EVENTS` there), `/metrics` its Prometheus metrics (see
+//! `telemetry`).
 
 use std::sync::Arc;
 
@@ -12,6 +15,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+use crate::jetstream::streams::EVENTS_STREAM;
 use crate::mqtt::Shared;
 
 #[derive(Clone)]
@@ -50,6 +54,8 @@ struct Health {
 pub(crate) async fn serve(listener: TcpListener, state: State, shutdown: CancellationToken) {
     let app = Router::new()
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_page))
         .with_state(state);
     if let Err(error) = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
@@ -57,6 +63,81 @@ pub(crate) async fn serve(listener: TcpListener, state: State, shutdown: Cancell
     {
         warn!(%error, "HTTP endpoint failed");
     }
+}
+
+/// 200 when NATS is connected and the events stream is there; 503 with
+/// the reason otherwise.
+async fn readyz(Extract(state): Extract<State>) -> (StatusCode, String) {
+    let connection = state.nats.connection_state();
+    if !matches!(connection, async_nats::connection::State::Connected) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: NATS is {connection}\n"),
+        );
+    }
+    let js = async_nats::jetstream::new(state.nats.clone());
+    match js.get_stream(EVENTS_STREAM).await {
+        Ok(_) => (StatusCode::OK, "ready\n".to_owned()),
+        Err(error) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: stream {EVENTS_STREAM}: {error}\n"),
+        ),
+    }
+}
+
+/// The Prometheus page: what was counted, and the gateway's own numbers
+/// read now.
+async fn metrics_page(Extract(state): Extract<State>) -> (StatusCode, String) {
+    let Some(handle) = crate::telemetry::handle() else {
+        return (
+            StatusCode::NOT_FOUND,
+            "metrics are not enabled in this process\n".to_owned(),
+        );
+    };
+    let gauge = |name: &'static str, value: usize| metrics::gauge!(name).set(value as f64);
+    gauge(
+        "hearth_gateway_mqtt_clients",
+        state.mqtt.registry.connected(),
+    );
+    gauge(
+        "hearth_gateway_mqtt_subscriptions",
+        state.mqtt.router.subscriptions(),
+    );
+    gauge(
+        "hearth_gateway_retained_topics",
+        state.mqtt.router.retained().len(),
+    );
+    gauge("hearth_gateway_devices_known", state.devices.len());
+    gauge(
+        "hearth_gateway_persistent_sessions",
+        state.mqtt.sessions.len(),
+    );
+    let counters = &state.mqtt.auth.counters;
+    let total = |name: &'static str, value: u64| metrics::counter!(name).absolute(value);
+    let load =
+        |counter: &std::sync::atomic::AtomicU64| counter.load(std::sync::atomic::Ordering::Relaxed);
+    total(
+        "hearth_gateway_refused_connections_total",
+        load(&counters.refused_connections),
+    );
+    total(
+        "hearth_gateway_denied_publishes_total",
+        load(&counters.denied_publishes),
+    );
+    total(
+        "hearth_gateway_denied_subscriptions_total",
+        load(&counters.denied_subscriptions),
+    );
+    total("hearth_gateway_throttled_total", load(&counters.throttled));
+    total(
+        "hearth_gateway_qos0_dropped_total",
+        state.mqtt.ingest.qos0_dropped(),
+    );
+    total(
+        "hearth_gateway_queue_dropped_total",
+        state.mqtt.router.dropped(),
+    );
+    (StatusCode::OK, handle.render())
 }
 
 /// 200 while NATS is connected, 503 otherwise; the body says more.

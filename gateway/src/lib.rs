@@ -28,6 +28,7 @@ pub mod jetstream;
 pub mod mqtt;
 mod server;
 mod sessions;
+pub mod telemetry;
 /// NATS subjects and how names become subject tokens (part of the contract,
 /// in `hearth-proto`).
 pub use hearth_proto::subject;

@@ -38,6 +38,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         return passwd(file, username, *password_stdin, *delete);
     }
     let config = Config::load(&cli)?;
+    // Before starting: the first NATS connection is counted as such.
+    hearth_gateway::telemetry::install().map_err(anyhow::Error::msg)?;
     let gateway = Gateway::start(config)
         .await
         .map_err(|error| anyhow!("the gateway could not start: {error}"))?;

@@ -107,6 +107,7 @@ struct Prepared {
     messages: Vec<Outgoing>,
     /// Which of `messages` is the retained copy, if any.
     retained: Option<usize>,
+    received_at: SystemTime,
 }
 
 const CONTENT_TYPE: HeaderName = HeaderName::from_static(headers::CONTENT_TYPE);
@@ -225,13 +226,24 @@ impl Ingest {
         let mut messages: Vec<Outgoing> = match decoded {
             Ok(Decoded::Events(readings)) => readings
                 .into_iter()
-                .map(|reading| self.event(&received, convention, &correlation_id, reading))
+                .map(|reading| {
+                    let kind = reading.body.kind();
+                    metrics::counter!(crate::telemetry::EVENTS, "convention" => convention, "kind" => kind)
+                        .increment(1);
+                    self.event(&received, convention, &correlation_id, reading)
+                })
                 .collect(),
             Ok(Decoded::NotAnEvent(why)) => {
                 debug!(topic = %received.topic, why, "not a device event; acknowledged, not stored");
+                metrics::counter!(crate::telemetry::NOT_EVENTS, "convention" => convention)
+                    .increment(1);
                 Vec::new()
             }
-            Err(rejection) => vec![dead_letter(&received, &rejection)],
+            Err(rejection) => {
+                metrics::counter!(crate::telemetry::DEAD_LETTERS, "reason" => rejection.reason.as_str())
+                    .increment(1);
+                vec![dead_letter(&received, &rejection)]
+            }
         };
         // The retained copy is stored with the events, before the PUBACK.
         let retained = received
@@ -284,6 +296,7 @@ impl Ingest {
             dedup,
             messages,
             retained,
+            received_at: received.received_at,
         }
     }
 

@@ -120,6 +120,8 @@ pub(crate) struct Pipeline {
     replies: Subscriber,
     queue: VecDeque<Entry>,
     next_id: u64,
+    /// From the publish's arrival to its being settled (stored).
+    settled_after: metrics::Histogram,
 }
 
 impl Pipeline {
@@ -150,6 +152,7 @@ impl Pipeline {
             replies,
             queue: VecDeque::with_capacity(capacity.min(64)),
             next_id: 0,
+            settled_after: metrics::histogram!(crate::telemetry::STORE_SECONDS),
         };
         let (jobs_tx, jobs) = mpsc::channel(capacity);
         let (done_tx, done_rx) = mpsc::channel(capacity);
@@ -181,6 +184,9 @@ impl Pipeline {
                         let Some(entry) = self.queue.pop_front() else {
                             break;
                         };
+                        if let Ok(took) = entry.prepared.received_at.elapsed() {
+                            self.settled_after.record(took);
+                        }
                         let retained_sequence =
                             entry
                                 .prepared

@@ -33,6 +33,7 @@ pub async fn connect(config: &NatsConfig, url: &str) -> Result<async_nats::Clien
         .max_reconnects(None)
         .connection_timeout(Duration::from_secs(5))
         .event_callback(|event| async move {
+            crate::telemetry::nats_event(&event);
             match event {
                 async_nats::Event::Connected => tracing::info!("connected to NATS"),
                 async_nats::Event::Disconnected => {
