@@ -55,6 +55,10 @@ struct Cli {
     /// for none.
     #[arg(long, env = "HEARTH_METRICS_LISTEN", value_name = "ADDR", default_value_t = telemetry::DEFAULT_LISTEN.to_string(), global = true)]
     metrics_listen: String,
+    /// Log format: human (coloured on a terminal) or json (one object a
+    /// line, with the event's span: consumer, event and correlation ids).
+    #[arg(long, env = "HEARTH_LOG_FORMAT", default_value = "human", value_parser = ["human", "json"], global = true)]
+    log_format: String,
     /// How commands are stored: json (readable) or protobuf.
     #[arg(long, env = "HEARTH_ENCODING", default_value = "json")]
     encoding: Encoding,
@@ -95,12 +99,16 @@ enum Rule {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = EnvFilter::try_from_env("HEARTH_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         // Colours for a terminal, plain text for journald and files.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if cli.log_format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

@@ -1,7 +1,8 @@
 //! The real `hearth-consumers` process's metrics and health checks: the
 //! events a rule handled and the commands it issued are counted on
 //! /metrics with the consumer's lag; /readyz says whether NATS and the
-//! events stream are there, /healthz that the process is alive.
+//! events stream are there, /healthz that the process is alive. Logs as
+//! JSON on request.
 
 mod common;
 
@@ -114,4 +115,55 @@ async fn handled_events_commands_and_lag_are_on_metrics_and_readiness_follows_na
     .await;
     let ready = common::http_request(addr, "GET", "/readyz").await;
     assert_eq!(ready.status, 200, "{}", ready.body);
+}
+
+/// `--log-format json`: every log line one JSON object, with its fields.
+#[tokio::test]
+async fn json_logs_are_one_object_a_line_with_their_fields() {
+    let (nats, js) = common::start_nats_with_streams().await;
+    let dir = tempfile::tempdir().unwrap();
+    let homes = dir.path().join("homes.toml");
+    std::fs::write(&homes, "[homes.home.rooms.hall]\nlights = [\"ceiling\"]\n").unwrap();
+    let mut rule = tokio::process::Command::new(env!("CARGO_BIN_EXE_hearth-consumers"))
+        .args(["--nats-url", &nats.url(), "--metrics-listen", "off"])
+        .args(["--log-format", "json", "--homes"])
+        .arg(&homes)
+        .arg("lights")
+        .env("HEARTH_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run hearth-consumers");
+    common::wait_for_consumer(&js, "hearth-lights", PROMPTLY).await;
+    // Stopped by SIGTERM, so that it logs its stop too.
+    let pid = rule.id().expect("running");
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let output = tokio::time::timeout(PROMPTLY, rule.wait_with_output())
+        .await
+        .expect("stops")
+        .unwrap();
+    let logs = String::from_utf8(output.stderr).unwrap();
+    let lines: Vec<serde_json::Value> = logs
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|line| line["fields"]["message"] == "consuming"
+                && line["fields"]["consumer"] == "hearth-lights"
+                && line["level"] == "INFO"),
+        "{logs}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|line| line["fields"]["message"] == "stopped"),
+        "{logs}"
+    );
 }
