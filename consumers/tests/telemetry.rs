@@ -124,7 +124,7 @@ async fn json_logs_are_one_object_a_line_with_their_fields() {
     let dir = tempfile::tempdir().unwrap();
     let homes = dir.path().join("homes.toml");
     std::fs::write(&homes, "[homes.home.rooms.hall]\nlights = [\"ceiling\"]\n").unwrap();
-    let mut rule = tokio::process::Command::new(env!("CARGO_BIN_EXE_hearth-consumers"))
+    let rule = tokio::process::Command::new(env!("CARGO_BIN_EXE_hearth-consumers"))
         .args(["--nats-url", &nats.url(), "--metrics-listen", "off"])
         .args(["--log-format", "json", "--homes"])
         .arg(&homes)
