@@ -271,10 +271,16 @@ impl Task {
                         self.handle(&mut session, event);
                     }
                     Err(error) => {
-                        if session.connected {
-                            session.connected = false;
-                            self.measure.connected.fetch_sub(1, Ordering::Relaxed);
+                        if session.connected && self.device.kind != DeviceKind::Keypad {
+                            // Ended without DISCONNECT: the gateway publishes
+                            // the device's last will, unless it had not seen
+                            // the end yet when the device came back.
+                            self.measure.error("will_after_connection_error");
                         }
+                        // With a clean session, rumqttc drops on reconnect
+                        // what it had in flight (maybe stored, never
+                        // acknowledged) and what it had not sent yet.
+                        self.lost(&mut session, "cut_off_by_reconnect");
                         self.measure.error(error_kind(&error));
                         debug!(%error, "connection failed");
                         if stop_by.is_some() {
