@@ -87,7 +87,7 @@ async fn main() {
         let lights = Lights::open(&js, homes, Commands::new(js.clone(), Encoding::Json))
             .await
             .expect("lights state");
-        let figures = consume_batches(&js, "bench-lights", events, move |batch| {
+        let figures = consume_batches(&js, "bench-lights", events, false, move |batch| {
             let lights = lights.clone();
             async move { lights.handle_batch(batch).await }
         })
@@ -337,38 +337,26 @@ where
     H: Fn(Received) -> F + Send + 'static,
     F: std::future::Future<Output = Result<(), runtime::HandlerError>> + Send,
 {
-    let spec = bench_spec(name);
-    let handled = Arc::new(AtomicU64::new(0));
-    let shutdown = CancellationToken::new();
-    let started = Instant::now();
-    let run = {
-        let (js, spec, handled, stop) = (
-            js.clone(),
-            spec.clone(),
-            Arc::clone(&handled),
-            shutdown.clone(),
-        );
-        tokio::spawn(async move {
-            runtime::run(
-                &js,
-                &spec,
-                move |received| {
-                    handled.fetch_add(1, Ordering::Relaxed);
-                    handler(received)
-                },
-                stop,
-            )
-            .await
-        })
-    };
-    figures(js, name, count, started, &handled, run, shutdown).await
+    consume_batches(js, name, count, true, move |mut events: Vec<Received>| {
+        let handled = events.pop().map(&handler);
+        async move {
+            match handled {
+                Some(handled) => vec![handled.await],
+                None => Vec::new(),
+            }
+        }
+    })
+    .await
 }
 
-/// [`consume`], the events handed over in batches.
+/// [`consume`], the events handed over in batches (`runtime::run_batches`),
+/// or one at a time (`runtime::run`, each handed over as a batch of one)
+/// with `one_at_a_time`.
 async fn consume_batches<H, F>(
     js: &jetstream::Context,
     name: &str,
     count: u64,
+    one_at_a_time: bool,
     handler: H,
 ) -> String
 where
@@ -387,16 +375,20 @@ where
             shutdown.clone(),
         );
         tokio::spawn(async move {
-            runtime::run_batches(
-                &js,
-                &spec,
-                move |events| {
-                    handled.fetch_add(events.len() as u64, Ordering::Relaxed);
-                    handler(events)
-                },
-                stop,
-            )
-            .await
+            let counted = move |events: Vec<Received>| {
+                handled.fetch_add(events.len() as u64, Ordering::Relaxed);
+                handler(events)
+            };
+            if one_at_a_time {
+                // The one-at-a-time runtime, as the rules that use it run.
+                let one = move |received| {
+                    let handled = counted(vec![received]);
+                    async move { handled.await.pop().unwrap_or(Ok(())) }
+                };
+                runtime::run(&js, &spec, one, stop).await
+            } else {
+                runtime::run_batches(&js, &spec, counted, stop).await
+            }
         })
     };
     figures(js, name, count, started, &handled, run, shutdown).await
