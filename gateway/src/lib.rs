@@ -10,11 +10,14 @@
 //!   once JetStream stored them;
 //! - the router (`broker`): publish/subscribe between MQTT clients, through
 //!   NATS so that gateways on one cluster act as one broker;
+//! - the bridge (`bridge`): the gateway as a client of an existing broker
+//!   (Mosquitto), storing what it subscribes to through the same pipeline;
 //! - [`conventions`]: topic and payload conventions (native, Zigbee2MQTT);
 //! - [`jetstream`]: the streams and the exactly-once publishing;
 //! - [`embedded`]: a supervised local nats-server when no NATS URL is given.
 
 pub mod auth;
+mod bridge;
 mod broker;
 mod commands;
 pub mod config;

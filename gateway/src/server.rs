@@ -33,6 +33,8 @@ pub enum GatewayError {
     Connect(#[from] js::ConnectError),
     #[error(transparent)]
     Passwords(#[from] crate::auth::PasswordFileError),
+    #[error("bridge: {0}")]
+    Bridge(#[from] crate::bridge::BridgeError),
     #[error("mqtt.tls: {0}")]
     Tls(#[from] crate::mqtt::tls::TlsError),
     #[error("JetStream is not ready at {url}: {source} (is JetStream enabled on that server?)")]
@@ -190,6 +192,19 @@ impl Gateway {
             .await
             .map_err(load_error("the commands consumer (stream HEARTH_COMMANDS)"))?;
             tasks.spawn(commands);
+        }
+        // Validated with the configuration: an invalid URL never gets here.
+        if let Ok(Some(broker)) = config.bridge.broker() {
+            let bridge = crate::bridge::Bridge::start(
+                config.bridge.clone(),
+                broker,
+                config.mqtt.max_packet_size,
+                Arc::clone(&ingest),
+                Arc::clone(&shared.router),
+                shutdown.clone(),
+            )
+            .await?;
+            tasks.spawn(bridge.run());
         }
         if let Some(watch) = auth.watch(shutdown.clone()) {
             tasks.spawn(watch);

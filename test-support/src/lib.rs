@@ -20,6 +20,9 @@ use std::process::{Command, Stdio};
 use hearth_gateway::embedded::{NatsServer, NatsServerConfig};
 use tempfile::TempDir;
 
+mod mosquitto;
+pub use mosquitto::TestMosquitto;
+
 /// A nats-server with JetStream for one test, on a free port with its own
 /// temporary store; killed and removed on drop.
 #[derive(Debug)]

@@ -409,6 +409,14 @@ impl Ingest {
         )
     }
 
+    /// Whether a publish of `payload` on `topic` decodes to events.
+    pub(crate) fn decodes_to_events(&self, topic: &str, payload: &[u8]) -> bool {
+        matches!(
+            self.conventions.decode(topic, payload).1,
+            Ok(Decoded::Events(_))
+        )
+    }
+
     /// The devices `client_id` last published for.
     pub(crate) fn devices_of(&self, client_id: &str, limit: usize) -> Vec<crate::devices::Place> {
         self.devices.of_client(client_id, limit)

@@ -1,0 +1,477 @@
+//! Bridge mode: for homes that already run an MQTT broker (Mosquitto), the
+//! gateway is one of its clients instead of (or besides) being the devices'
+//! server.
+//!
+//! The bridge subscribes to `bridge.topics` at QoS 1 with a persistent
+//! session (clean session off, a stable client id) and manual
+//! acknowledgements: each message goes through the same store pipeline as a
+//! device's publish and is acknowledged to the broker only once JetStream
+//! stored it. What the gateway has not acknowledged, the broker keeps and
+//! sends again (DUP) after a reconnect or a gateway restart, and the
+//! exactly-once ids (`jetstream::dedup`) store it once.
+//!
+//! Acknowledgements belong to one connection: a message received on an
+//! earlier connection is not acknowledged on a later one, since the broker
+//! sends it again anyway and the packet id may by then name another message.
+//!
+//! Retained messages the broker sends because of a subscription are stored
+//! only when the subscription is new (no session on the broker yet): after
+//! a restart they are old states, not events.
+//!
+//! The other way, the gateway's own publishes on `bridge.forward` (commands
+//! to devices, routed like any MQTT publish) are published on the broker at
+//! QoS 1, and confirmed to the commands downlink once handed to the broker
+//! connection, which sends them until the broker acknowledges them while
+//! the gateway runs. A topic that decodes to events is never forwarded: it
+//! would come back through `bridge.topics` and be stored twice.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, Publish, QoS};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use crate::broker::{Delivery, Router};
+use crate::config::BridgeConfig;
+use crate::ingest::{Done, Ingest, Pipeline, Received};
+
+/// The bridge's connection state, 1 when connected to the broker.
+pub(crate) const CONNECTED: &str = "hearth_gateway_bridge_connected";
+/// Messages received from the broker, by what became of them.
+pub(crate) const RECEIVED: &str = "hearth_gateway_bridge_received_total";
+/// The gateway's publishes forwarded to the broker (commands).
+pub(crate) const FORWARDED: &str = "hearth_gateway_bridge_forwarded_total";
+
+/// The longest pause between connection attempts.
+const RECONNECT_MAX: Duration = Duration::from_secs(30);
+/// How long a stopping bridge waits for what it is storing, so that it can
+/// acknowledge it rather than have the broker send it again.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why the bridge could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BridgeError {
+    #[error("cannot subscribe on NATS for JetStream replies: {0}")]
+    Pipeline(#[from] async_nats::SubscribeError),
+    #[error("cannot listen for the gateway's publishes to forward: {0}")]
+    Forward(async_nats::Error),
+}
+
+/// Whether `filter` is an MQTT topic filter: not empty, `#` only as the
+/// whole last level, `+` only as a whole level.
+pub(crate) fn valid_filter(filter: &str) -> bool {
+    if filter.is_empty() || filter.contains('\0') {
+        return false;
+    }
+    let levels: Vec<&str> = filter.split('/').collect();
+    levels
+        .iter()
+        .enumerate()
+        .all(|(index, level)| match *level {
+            "#" => index == levels.len() - 1,
+            "+" => true,
+            level => !level.contains(['#', '+']),
+        })
+}
+
+/// What the broker connection reports to the bridge.
+#[derive(Debug)]
+enum FromBroker {
+    Connected { session_present: bool },
+    Publish(Publish),
+    Lost,
+}
+
+/// A bridge to one broker, ready to [`Bridge::run`].
+pub(crate) struct Bridge {
+    config: BridgeConfig,
+    broker: (String, u16),
+    max_packet_size: usize,
+    ingest: Arc<Ingest>,
+    router: Arc<Router>,
+    shutdown: CancellationToken,
+    jobs: mpsc::Sender<Received>,
+    done: mpsc::Receiver<Done>,
+    pipeline: tokio::task::JoinHandle<()>,
+    stop_pipeline: CancellationToken,
+    forward: (crate::broker::Mailbox, mpsc::Receiver<Delivery>),
+}
+
+impl Bridge {
+    /// Sets up the store pipeline and the forwarding subscriptions; the
+    /// broker connection is made by [`Bridge::run`], and made again
+    /// whenever it is lost.
+    pub(crate) async fn start(
+        config: BridgeConfig,
+        broker: (String, u16),
+        max_packet_size: usize,
+        ingest: Arc<Ingest>,
+        router: Arc<Router>,
+        shutdown: CancellationToken,
+    ) -> Result<Self, BridgeError> {
+        let client_id: Arc<str> = Arc::from(config.client_id.as_str());
+        let span = info_span!("bridge", broker = %format!("{}:{}", broker.0, broker.1), client_id = %client_id);
+        let stop_pipeline = CancellationToken::new();
+        let (jobs, done, pipeline) = Pipeline::spawn(
+            Arc::clone(&ingest),
+            config.max_inflight,
+            stop_pipeline.clone(),
+            span,
+        )
+        .await?;
+        let (mut mailbox, deliveries) = router.mailbox(client_id, false);
+        for filter in &config.forward {
+            mailbox
+                .subscribe(filter, QoS::AtLeastOnce)
+                .await
+                .map_err(BridgeError::Forward)?;
+        }
+        Ok(Self {
+            config,
+            broker,
+            max_packet_size,
+            ingest,
+            router,
+            shutdown,
+            jobs,
+            done,
+            pipeline,
+            stop_pipeline,
+            forward: (mailbox, deliveries),
+        })
+    }
+
+    /// Runs until the gateway stops.
+    pub(crate) async fn run(self) {
+        let span = info_span!("bridge", broker = %format!("{}:{}", self.broker.0, self.broker.1), client_id = %self.config.client_id);
+        self.serve().instrument(span).await;
+    }
+
+    fn options(&self) -> MqttOptions {
+        let (host, port) = &self.broker;
+        let mut options = MqttOptions::new(&self.config.client_id, host.as_str(), *port);
+        options
+            .set_clean_session(false)
+            .set_manual_acks(true)
+            .set_keep_alive(self.config.keep_alive)
+            .set_max_packet_size(self.max_packet_size, self.max_packet_size)
+            // Acknowledgements and forwarded publishes are handed over
+            // without waiting (see `serve`): room for all of them.
+            .set_request_channel_capacity(2 * self.config.max_inflight + 64);
+        if let Some(username) = &self.config.username {
+            options.set_credentials(
+                username.as_str(),
+                self.config.password.clone().unwrap_or_default(),
+            );
+        }
+        options
+    }
+
+    async fn serve(mut self) {
+        let (client, eventloop) = AsyncClient::new(self.options(), 64);
+        let (events_tx, mut events) = mpsc::channel(64);
+        let poller = tokio::spawn(
+            poll(eventloop, events_tx, self.shutdown.clone()).instrument(tracing::Span::current()),
+        );
+        let client_id: Arc<str> = Arc::from(self.config.client_id.as_str());
+        // Which connection each publish in the pipeline came on, in order.
+        let mut came_on: VecDeque<u64> = VecDeque::new();
+        let mut connection = 0u64;
+        let mut connected = false;
+        let mut subscribed_once = false;
+        let mut fresh_subscription = false;
+        // A publish waiting for room in the pipeline.
+        let mut waiting: Option<Received> = None;
+        let mut unsent_acks: VecDeque<Publish> = VecDeque::new();
+        let mut retry = tokio::time::interval(Duration::from_millis(50));
+        loop {
+            tokio::select! {
+                biased;
+                () = self.shutdown.cancelled() => break,
+                settled = self.done.recv() => {
+                    let Some(settled) = settled else {
+                        warn!("the store pipeline stopped; the bridge stops");
+                        break;
+                    };
+                    let on = came_on.pop_front();
+                    if settled.qos != QoS::AtMostOnce && on == Some(connection) && connected {
+                        let mut ack = Publish::from_bytes(settled.topic, settled.qos, bytes::Bytes::new());
+                        ack.pkid = settled.pkid;
+                        unsent_acks.push_back(ack);
+                        send_acks(&client, &mut unsent_acks);
+                    }
+                }
+                permit = self.jobs.reserve(), if waiting.is_some() => {
+                    let Ok(permit) = permit else { break };
+                    if let Some(received) = waiting.take() {
+                        came_on.push_back(connection);
+                        permit.send(received);
+                    }
+                }
+                event = events.recv(), if waiting.is_none() => {
+                    match event {
+                        None => break,
+                        Some(FromBroker::Connected { session_present }) => {
+                            connection += 1;
+                            connected = true;
+                            metrics::gauge!(CONNECTED).set(1.0);
+                            unsent_acks.clear();
+                            info!(session_present, "connected to the broker");
+                            // Subscribing again re-sends the retained messages,
+                            // so only when the broker forgot the session or
+                            // this process has not subscribed yet (the filters
+                            // may have changed).
+                            if !session_present || !subscribed_once {
+                                fresh_subscription = !session_present;
+                                let filters = self.config.topics.iter().map(|filter| {
+                                    rumqttc::SubscribeFilter::new(filter.clone(), QoS::AtLeastOnce)
+                                });
+                                match client.try_subscribe_many(filters) {
+                                    Ok(()) => subscribed_once = true,
+                                    Err(error) => warn!(%error, "cannot subscribe on the broker"),
+                                }
+                            }
+                        }
+                        Some(FromBroker::Lost) => {
+                            connected = false;
+                            metrics::gauge!(CONNECTED).set(0.0);
+                        }
+                        Some(FromBroker::Publish(publish)) => {
+                            waiting = self.received(publish, &client_id, fresh_subscription, &client, &mut unsent_acks);
+                        }
+                    }
+                }
+                delivery = self.forward.1.recv() => {
+                    let Some(delivery) = delivery else { break };
+                    self.forward(delivery, &client, connected).await;
+                }
+                _ = retry.tick(), if !unsent_acks.is_empty() => send_acks(&client, &mut unsent_acks),
+            }
+        }
+        self.stop(&client, &mut came_on, connection, connected)
+            .await;
+        let _ = poller.await;
+    }
+
+    /// A publish from the broker, as the pipeline takes it; `None` for one
+    /// that is not stored (acknowledged here).
+    fn received(
+        &self,
+        publish: Publish,
+        client_id: &Arc<str>,
+        fresh_subscription: bool,
+        client: &AsyncClient,
+        unsent_acks: &mut VecDeque<Publish>,
+    ) -> Option<Received> {
+        let skip = if publish.retain && !fresh_subscription {
+            Some("retained (an old state, sent again because of a re-subscription)")
+        } else if publish.qos == QoS::ExactlyOnce {
+            // Subscribed at QoS 1, so the broker sends at most that.
+            Some("QoS 2 from the broker")
+        } else {
+            None
+        };
+        if let Some(why) = skip {
+            debug!(topic = %publish.topic, why, "not stored");
+            metrics::counter!(RECEIVED, "outcome" => "skipped").increment(1);
+            if publish.qos != QoS::AtMostOnce {
+                unsent_acks.push_back(publish);
+                send_acks(client, unsent_acks);
+            }
+            return None;
+        }
+        metrics::counter!(RECEIVED, "outcome" => "stored").increment(1);
+        Some(Received {
+            budget: None,
+            client_id: Arc::clone(client_id),
+            topic: publish.topic,
+            payload: publish.payload,
+            qos: publish.qos,
+            pkid: publish.pkid,
+            dup: publish.dup,
+            // The broker keeps its retained messages; the gateway's router
+            // does not mirror them.
+            retain: false,
+            user_properties: Vec::new(),
+            received_at: SystemTime::now(),
+        })
+    }
+
+    /// Publishes one of the gateway's own publishes on the broker.
+    async fn forward(&self, delivery: Delivery, client: &AsyncClient, connected: bool) {
+        if !connected {
+            // Not confirmed: the commands downlink sends it again later.
+            debug!(topic = %delivery.topic, "not forwarded: the broker is not connected");
+            return;
+        }
+        if self
+            .ingest
+            .decodes_to_events(&delivery.topic, &delivery.payload)
+        {
+            warn!(topic = %delivery.topic, "not forwarded: it is a device event topic, and would be stored twice (bridge.forward should name command topics)");
+            return;
+        }
+        match client.try_publish(
+            &*delivery.topic,
+            QoS::AtLeastOnce,
+            false,
+            delivery.payload.to_vec(),
+        ) {
+            Ok(()) => {
+                metrics::counter!(FORWARDED).increment(1);
+                if let Some(confirm) = delivery.confirm {
+                    self.router.confirm(confirm).await;
+                }
+            }
+            Err(error) => warn!(topic = %delivery.topic, %error, "not forwarded to the broker"),
+        }
+    }
+
+    /// Lets the pipeline finish what it is storing and acknowledges it, then
+    /// disconnects.
+    async fn stop(
+        mut self,
+        client: &AsyncClient,
+        came_on: &mut VecDeque<u64>,
+        connection: u64,
+        connected: bool,
+    ) {
+        drop(self.jobs);
+        let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+            while let Some(settled) = self.done.recv().await {
+                if settled.qos != QoS::AtMostOnce
+                    && came_on.pop_front() == Some(connection)
+                    && connected
+                {
+                    let mut ack =
+                        Publish::from_bytes(settled.topic, settled.qos, bytes::Bytes::new());
+                    ack.pkid = settled.pkid;
+                    // Waiting is fine now: nothing else needs the loop.
+                    let _ = client.ack(&ack).await;
+                }
+            }
+        })
+        .await;
+        if drained.is_err() {
+            warn!("the bridge did not finish storing in time; the broker will send the rest again");
+        }
+        self.stop_pipeline.cancel();
+        if tokio::time::timeout(Duration::from_secs(1), &mut self.pipeline)
+            .await
+            .is_err()
+        {
+            self.pipeline.abort();
+        }
+        let _ = client.disconnect().await;
+        metrics::gauge!(CONNECTED).set(0.0);
+    }
+}
+
+/// Hands waiting acknowledgements to the broker connection without waiting;
+/// what does not fit now is tried again shortly.
+fn send_acks(client: &AsyncClient, unsent: &mut VecDeque<Publish>) {
+    while let Some(publish) = unsent.front() {
+        if client.try_ack(publish).is_err() {
+            return;
+        }
+        unsent.pop_front();
+    }
+}
+
+/// Drives the broker connection, reconnecting with a growing pause, and
+/// reports what matters to the bridge.
+async fn poll(
+    mut eventloop: EventLoop,
+    events: mpsc::Sender<FromBroker>,
+    shutdown: CancellationToken,
+) {
+    let mut pause = Duration::from_millis(500);
+    let mut failures = 0u32;
+    loop {
+        let polled = tokio::select! {
+            () = shutdown.cancelled() => {
+                // Let the disconnect the bridge sends go out.
+                let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                    while let Ok(event) = eventloop.poll().await {
+                        if matches!(event, Event::Outgoing(Outgoing::Disconnect)) {
+                            break;
+                        }
+                    }
+                }).await;
+                return;
+            }
+            polled = eventloop.poll() => polled,
+        };
+        let report = match polled {
+            Ok(Event::Incoming(Packet::ConnAck(connack))) => {
+                pause = Duration::from_millis(500);
+                failures = 0;
+                FromBroker::Connected {
+                    session_present: connack.session_present,
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(publish))) => FromBroker::Publish(publish),
+            Ok(Event::Incoming(Packet::SubAck(suback))) => {
+                let refused = suback
+                    .return_codes
+                    .iter()
+                    .filter(|code| matches!(code, rumqttc::SubscribeReasonCode::Failure))
+                    .count();
+                if refused > 0 {
+                    warn!(
+                        refused,
+                        "the broker refused some of bridge.topics (its ACL?)"
+                    );
+                }
+                continue;
+            }
+            Ok(_) => continue,
+            Err(error) => {
+                failures += 1;
+                // The first failure and then every tenth: a broker that is
+                // away for hours must not flood the log.
+                if failures == 1 || failures % 10 == 0 {
+                    warn!(%error, failures, retry_in = ?pause, "broker connection failed");
+                }
+                if events.send(FromBroker::Lost).await.is_err() {
+                    return;
+                }
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(pause) => {}
+                }
+                pause = (pause * 2).min(RECONNECT_MAX);
+                continue;
+            }
+        };
+        if events.send(report).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::valid_filter;
+
+    #[test]
+    fn filters_follow_the_mqtt_rules() {
+        for good in [
+            "#",
+            "+",
+            "a/b",
+            "zigbee2mqtt/#",
+            "hearth/+/+/+/set",
+            "a//b",
+            "+/+",
+        ] {
+            assert!(valid_filter(good), "{good}");
+        }
+        for bad in ["", "a/#/b", "a#", "a/b+", "#/a", "a+/b", "nul\0"] {
+            assert!(!valid_filter(bad), "{bad:?}");
+        }
+    }
+}

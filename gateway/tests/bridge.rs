@@ -1,0 +1,341 @@
+//! Bridge mode against a real Mosquitto: what devices publish on the home's
+//! own broker is stored in `HEARTH_EVENTS`, each message acknowledged to the
+//! broker only once stored, so that a gateway killed mid-stream loses
+//! nothing and stores nothing twice once it is back; commands go back to
+//! devices through the broker.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use common::*;
+use hearth_proto::v1::{self, command};
+use hearth_proto::Encoding;
+use hearth_test_support::TestMosquitto;
+use rumqttc::QoS;
+use tokio::process::{Child, Command};
+
+/// A client of the broker that counts what the broker acknowledged (the
+/// devices' side of the bridge).
+fn broker_client(
+    broker: &TestMosquitto,
+    client_id: &str,
+) -> (
+    rumqttc::AsyncClient,
+    tokio::sync::mpsc::UnboundedReceiver<u16>,
+    tokio::task::JoinHandle<()>,
+) {
+    rumqttc_client(broker.addr(), client_id, 100)
+}
+
+/// Publishes a probe reading every 200 ms until one is stored: from then on
+/// the bridge is subscribed, and what devices publish reaches it.
+async fn wait_until_bridged(js: &jetstream::Context, broker: &TestMosquitto) {
+    let (probe, _acks, task) = broker_client(broker, "probe");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        probe
+            .publish(
+                "hearth/home/lab/probe/motion",
+                QoS::AtLeastOnce,
+                false,
+                r#"{"detected":true}"#,
+            )
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let events = js.get_stream("HEARTH_EVENTS").await;
+        if let Ok(mut events) = events {
+            if events
+                .info()
+                .await
+                .is_ok_and(|info| info.state.messages > 0)
+            {
+                break;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the bridge stores nothing from {}",
+            broker.url()
+        );
+    }
+    task.abort();
+}
+
+/// Readings of the `meter` devices in the stream, by value, and how many
+/// times each is stored.
+async fn stored_meter_readings(js: &jetstream::Context) -> BTreeMap<u64, u32> {
+    let mut values = BTreeMap::new();
+    for message in stored(js, "HEARTH_EVENTS").await {
+        let event = json(&message);
+        if event["device"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("meter"))
+        {
+            let value = event["illuminance"]["lux"].as_f64().expect("a reading") as u64;
+            *values.entry(value).or_default() += 1;
+        }
+    }
+    values
+}
+
+#[tokio::test]
+async fn readings_on_the_broker_are_stored_and_commands_reach_devices_through_it() {
+    let nats = TestNats::start().await;
+    let broker = TestMosquitto::start().await;
+    let url = broker.url();
+    let gateway = gateway(&nats, |config| config.bridge.url = Some(url)).await;
+    let js = jetstream(&nats).await;
+    wait_until_bridged(&js, &broker).await;
+
+    let (device, mut acks, _task) = broker_client(&broker, "z2m");
+    for value in 0..200u64 {
+        device
+            .publish(
+                "hearth/home/hall/meter/illuminance",
+                QoS::AtLeastOnce,
+                false,
+                format!(r#"{{"lux":{value}}}"#),
+            )
+            .await
+            .unwrap();
+    }
+    // A Zigbee2MQTT report: one event per recognised field.
+    device
+        .publish(
+            "zigbee2mqtt/kitchen/sensor",
+            QoS::AtLeastOnce,
+            false,
+            r#"{"temperature":21.5,"humidity":40,"battery":90}"#,
+        )
+        .await
+        .unwrap();
+    for _ in 0..201 {
+        tokio::time::timeout(PROMPTLY, acks.recv())
+            .await
+            .expect("the broker acknowledges")
+            .unwrap();
+    }
+    let deadline = tokio::time::Instant::now() + PROMPTLY;
+    let readings = loop {
+        let readings = stored_meter_readings(&js).await;
+        if readings.len() == 200 || tokio::time::Instant::now() > deadline {
+            break readings;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(readings.len(), 200, "every reading stored");
+    assert!(readings.values().all(|n| *n == 1), "none twice");
+    let kitchen = stored_at_least(&js, "HEARTH_EVENTS", 204).await;
+    let kitchen: Vec<_> = kitchen
+        .iter()
+        .filter(|m| json(m)["device"] == "sensor")
+        .map(|m| {
+            assert!(header(m, "Hearth-Kind").is_some(), "{m:?}");
+            m.subject.to_string()
+        })
+        .collect();
+    assert_eq!(
+        kitchen,
+        [
+            "hearth.evt.home.kitchen.temperature.sensor",
+            "hearth.evt.home.kitchen.humidity.sensor",
+            "hearth.evt.home.kitchen.battery.sensor"
+        ],
+        "a Zigbee2MQTT report through the bridge, one event per field"
+    );
+
+    // A command for the meter (a native device, learned from its reports)
+    // goes to the broker, where the device subscribes.
+    let mut options = rumqttc::MqttOptions::new("meter", "127.0.0.1", broker.addr().port());
+    options.set_keep_alive(Duration::from_secs(30));
+    let (meter, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
+    let (commands_tx, mut commands) = tokio::sync::mpsc::unbounded_channel();
+    let meter_loop = tokio::spawn(async move {
+        while let Ok(event) = eventloop.poll().await {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(publish)) = event {
+                let _ = commands_tx.send(publish);
+            }
+        }
+    });
+    meter
+        .subscribe("hearth/home/hall/meter/set", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let command = v1::Command {
+        id: uuid::Uuid::now_v7().to_string(),
+        correlation_id: uuid::Uuid::now_v7().to_string(),
+        home: "home".into(),
+        room: "hall".into(),
+        device: "meter".into(),
+        body: Some(command::Body::LightSet(v1::LightSet {
+            on: true,
+            brightness_pct: Some(30),
+        })),
+        ..Default::default()
+    };
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Content-Type", Encoding::Json.content_type());
+    headers.insert("Hearth-Schema", "hearth.v1.Command");
+    js.publish_with_headers(
+        "hearth.cmd.home.hall.light.meter",
+        headers,
+        Encoding::Json.encode(&command),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let publish = tokio::time::timeout(PROMPTLY, commands.recv())
+        .await
+        .expect("the command reaches the device through the broker")
+        .unwrap();
+    assert_eq!(publish.topic, "hearth/home/hall/meter/set");
+    let payload: serde_json::Value = serde_json::from_slice(&publish.payload).unwrap();
+    assert_eq!(payload["command_id"], command.id.as_str());
+    assert_eq!(payload["on"], true);
+    // The command coming back through the bridge's subscription is a
+    // command topic: acknowledged, not stored as an event.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        stored(&js, "HEARTH_EVENTS")
+            .await
+            .iter()
+            .filter(|m| m.subject.contains(".set"))
+            .count(),
+        0
+    );
+    meter_loop.abort();
+    gateway.shutdown().await;
+}
+
+const READINGS: u64 = 3000;
+
+fn spawn_gateway(nats: &TestNats, broker: &TestMosquitto, data: &std::path::Path) -> Child {
+    let mqtt = SocketAddr::from(([127, 0, 0, 1], hearth_test_support::free_port()));
+    Command::new(env!("CARGO_BIN_EXE_hearth-gateway"))
+        .args(["--nats-url", &nats.url(), "--bridge-url", &broker.url()])
+        .args(["--mqtt-listen", &mqtt.to_string()])
+        .args(["--http-listen", "127.0.0.1:0", "--allow-anonymous"])
+        .arg("--data-dir")
+        .arg(data)
+        .env("HEARTH_LOG", "warn")
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run hearth-gateway")
+}
+
+#[tokio::test]
+async fn a_bridge_killed_mid_stream_loses_nothing_the_broker_had_and_stores_nothing_twice() {
+    let nats = TestNats::start().await;
+    let broker = TestMosquitto::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let js = jetstream(&nats).await;
+    let mut gateway = spawn_gateway(&nats, &broker, data.path());
+    wait_until_bridged(&js, &broker).await;
+
+    // Devices publish everything to the broker, which acknowledges at once;
+    // from then on only the bridge stands between the broker and the stream.
+    let (device, mut acks, _task) = broker_client(&broker, "meters");
+    let publisher = tokio::spawn(async move {
+        for value in 0..READINGS {
+            device
+                .publish(
+                    format!("hearth/home/lab/meter-{}/illuminance", value % 10),
+                    QoS::AtLeastOnce,
+                    false,
+                    format!(r#"{{"lux":{value}}}"#),
+                )
+                .await
+                .unwrap();
+        }
+        device
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let stored = js
+            .get_stream("HEARTH_EVENTS")
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .state
+            .messages;
+        if stored > READINGS / 4 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{stored} stored");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    gateway.kill().await.unwrap();
+    let _device = publisher.await.unwrap();
+    for _ in 0..READINGS {
+        tokio::time::timeout(PROMPTLY, acks.recv())
+            .await
+            .expect("the broker acknowledges every reading")
+            .unwrap();
+    }
+    let at_kill = stored_meter_readings(&js).await.len() as u64;
+    assert!(at_kill < READINGS, "killed mid-stream ({at_kill} stored)");
+
+    let mut gateway = spawn_gateway(&nats, &broker, data.path());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let readings = loop {
+        let readings = stored_meter_readings(&js).await;
+        if readings.len() as u64 == READINGS || tokio::time::Instant::now() > deadline {
+            break readings;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let twice: Vec<_> = readings.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "stored twice: {twice:?}");
+    let missing: Vec<_> = (0..READINGS)
+        .filter(|v| !readings.contains_key(v))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "acknowledged by the broker, never stored: {} of them, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    gateway.kill().await.unwrap();
+}
+
+#[test]
+fn a_bridge_url_that_cannot_work_is_refused_with_the_reason() {
+    for (url, expected) in [
+        (
+            "mqtts://broker:8883",
+            "TLS to the broker is not supported yet",
+        ),
+        ("http://broker", "the scheme must be mqtt://"),
+        ("mqtt://broker:port", "is not a port number"),
+        (
+            "mqtt://user:secret@broker",
+            "credentials go in bridge.username",
+        ),
+        ("mqtt://", "expected mqtt://host[:port]"),
+    ] {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_hearth-gateway"))
+            .args([
+                "--bridge-url",
+                url,
+                "--allow-anonymous",
+                "--nats-url",
+                "nats://127.0.0.1:1",
+            ])
+            .output()
+            .expect("run hearth-gateway");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{url} accepted");
+        assert!(stderr.contains(expected), "{url}: {stderr}");
+    }
+}

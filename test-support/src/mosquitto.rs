@@ -1,0 +1,107 @@
+//! A real Mosquitto broker for the bridge tests.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tempfile::TempDir;
+use tokio::process::{Child, Command};
+
+/// A `mosquitto` on a free loopback port, anonymous, with persistence in a
+/// temporary directory (so that a bridge's persistent session survives a
+/// [`TestMosquitto::restart`]); killed and removed on drop.
+#[derive(Debug)]
+pub struct TestMosquitto {
+    child: Option<Child>,
+    port: u16,
+    dir: TempDir,
+}
+
+impl TestMosquitto {
+    /// Starts the broker and waits until it accepts connections.
+    ///
+    /// # Panics
+    ///
+    /// If it cannot start, e.g. `mosquitto` is not installed
+    /// (`scripts/setup.sh` installs it).
+    pub async fn start() -> TestMosquitto {
+        crate::init_tracing();
+        let dir = tempfile::Builder::new()
+            .prefix("hearth-mosquitto-")
+            .tempdir()
+            .expect("creating a temporary directory for mosquitto");
+        let port = crate::free_port();
+        // Queue limits far above Mosquitto's defaults (1000 queued, 20 in
+        // flight): a bridge away for a while must find everything again, as
+        // deploy/README.md tells users to configure.
+        let config = format!(
+            "listener {port} 127.0.0.1\n\
+             allow_anonymous true\n\
+             persistence true\n\
+             persistence_location {}/\n\
+             max_queued_messages 100000\n\
+             max_inflight_messages 100\n\
+             log_dest stderr\n\
+             log_type error\n\
+             log_type warning\n",
+            dir.path().display()
+        );
+        std::fs::write(dir.path().join("mosquitto.conf"), config).expect("writing mosquitto.conf");
+        let mut broker = TestMosquitto {
+            child: None,
+            port,
+            dir,
+        };
+        broker.spawn().await;
+        broker
+    }
+
+    async fn spawn(&mut self) {
+        let binary = ["/usr/sbin/mosquitto", "mosquitto"]
+            .into_iter()
+            .find(|binary| !binary.starts_with('/') || std::path::Path::new(binary).exists())
+            .unwrap_or("mosquitto");
+        let child = Command::new(binary)
+            .arg("-c")
+            .arg(self.dir.path().join("mosquitto.conf"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|error| {
+                panic!("cannot run mosquitto ({error}); scripts/setup.sh installs it")
+            });
+        self.child = Some(child);
+        for _ in 0..200 {
+            if tokio::net::TcpStream::connect(self.addr()).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("mosquitto does not listen on {}", self.addr());
+    }
+
+    /// Where clients connect.
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, self.port))
+    }
+
+    /// `mqtt://127.0.0.1:PORT`, as `--bridge-url` takes it.
+    pub fn url(&self) -> String {
+        format!("mqtt://{}", self.addr())
+    }
+
+    /// Stops the broker gracefully (SIGTERM: it saves its sessions) and
+    /// starts it again on the same port and persistence.
+    pub async fn restart(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if let Some(pid) = child.id() {
+                let _ = std::process::Command::new("kill")
+                    .args(["-TERM", &pid.to_string()])
+                    .status();
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+        }
+        self.spawn().await;
+    }
+}
