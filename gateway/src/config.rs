@@ -302,13 +302,29 @@ pub struct StorageConfig {
     pub data_dir: PathBuf,
 }
 
-/// Limits of one stream; the oldest messages go first.
+/// Limits of one stream.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetentionConfig {
     #[serde(with = "humantime_serde")]
     pub max_age: Duration,
     pub max_bytes: bytesize::ByteSize,
+    /// What happens at `max_bytes`: `old` (the default) drops the oldest
+    /// messages; `new` keeps every message and refuses new ones, so the
+    /// gateway stops acknowledging (devices wait) until there is room again.
+    #[serde(default)]
+    pub discard: Discard,
+}
+
+/// What a full stream gives up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Discard {
+    /// The oldest messages: a rolling window of history.
+    #[default]
+    Old,
+    /// Nothing: new messages are refused until there is room.
+    New,
 }
 
 impl Default for StorageConfig {
@@ -321,14 +337,20 @@ impl Default for StorageConfig {
             events: RetentionConfig {
                 max_age: Duration::from_secs(30 * 24 * 3600),
                 max_bytes: bytesize::ByteSize::gib(1),
+
+                discard: Discard::Old,
             },
             commands: RetentionConfig {
                 max_age: Duration::from_secs(7 * 24 * 3600),
                 max_bytes: bytesize::ByteSize::mib(128),
+
+                discard: Discard::Old,
             },
             dlq: RetentionConfig {
                 max_age: Duration::from_secs(30 * 24 * 3600),
                 max_bytes: bytesize::ByteSize::mib(256),
+
+                discard: Discard::Old,
             },
             data_dir: default_data_dir(),
         }

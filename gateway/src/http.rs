@@ -65,14 +65,20 @@ pub(crate) async fn serve(listener: TcpListener, state: State, shutdown: Cancell
     }
 }
 
-/// 200 when NATS is connected and the events stream is there; 503 with
-/// the reason otherwise.
+/// 200 when NATS is connected, storing works and the events stream is
+/// there; 503 with the reason otherwise.
 async fn readyz(Extract(state): Extract<State>) -> (StatusCode, String) {
     let connection = state.nats.connection_state();
     if !matches!(connection, async_nats::connection::State::Connected) {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not ready: NATS is {connection}\n"),
+        );
+    }
+    if let Some(trouble) = state.mqtt.ingest.store_trouble() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {trouble}\n"),
         );
     }
     let js = async_nats::jetstream::new(state.nats.clone());

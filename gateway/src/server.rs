@@ -42,6 +42,17 @@ pub enum GatewayError {
         url: String,
         source: streams::StreamsError,
     },
+    #[error(
+        "the NATS server at {url} cannot reserve the streams' storage (storage.events, \
+         .commands, .dlq max_bytes: {configured} in all, plus up to 256 MiB of retained \
+         messages and the persistent sessions' queues): lower those limits in the \
+         configuration or raise the server's JetStream max_file_store ({source})"
+    )]
+    StorageTooSmall {
+        url: String,
+        configured: bytesize::ByteSize,
+        source: streams::StreamsError,
+    },
     #[error("cannot load {what} from {url}: {source}")]
     Load {
         what: &'static str,
@@ -311,6 +322,18 @@ async fn ensure_streams(
                     warn!(%url, error = %source, "waiting for NATS JetStream");
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(source) if source.to_string().contains("10047") => {
+                let storage = &config.storage;
+                return Err(GatewayError::StorageTooSmall {
+                    url: url.to_owned(),
+                    configured: bytesize::ByteSize(
+                        storage.events.max_bytes.as_u64()
+                            + storage.commands.max_bytes.as_u64()
+                            + storage.dlq.max_bytes.as_u64(),
+                    ),
+                    source,
+                });
             }
             Err(source) => {
                 return Err(GatewayError::Streams {

@@ -16,6 +16,11 @@
 //!   `HEARTH_DLQ`;
 //! - `hearth_gateway_store_seconds`: from a publish's arrival to its being
 //!   stored (the PUBACK goes out then), histogram;
+//! - `hearth_gateway_store_failures_total{reason}` (failed attempts:
+//!   `storage_full`, `no_stream`, `timeout`, `error`) and
+//!   `hearth_gateway_store_failing` (1 while devices wait for storage);
+//! - `hearth_gateway_bridge_connected`, `_bridge_received_total{outcome}`,
+//!   `_bridge_forwarded_total` in bridge mode;
 //! - `hearth_gateway_nats_reconnects_total`;
 //! - gauges `hearth_gateway_mqtt_clients`, `_mqtt_subscriptions`,
 //!   `_retained_topics`, `_devices_known`, `_persistent_sessions`, and
@@ -32,6 +37,11 @@ pub(crate) const EVENTS: &str = "hearth_gateway_events_total";
 pub(crate) const NOT_EVENTS: &str = "hearth_gateway_not_events_total";
 pub(crate) const DEAD_LETTERS: &str = "hearth_gateway_dead_letters_total";
 pub(crate) const STORE_SECONDS: &str = "hearth_gateway_store_seconds";
+/// Failed attempts to store a publish, by reason (`storage_full`, `no_stream`,
+/// `timeout`, `error`); QoS 1 publishes are retried, QoS 0 dropped.
+pub(crate) const STORE_FAILURES: &str = "hearth_gateway_store_failures_total";
+/// 1 while storing fails (devices wait for their acknowledgements).
+pub(crate) const STORE_FAILING: &str = "hearth_gateway_store_failing";
 
 /// Store times: 100 µs to 30 s.
 const STORE_BUCKETS: &[f64] = &[

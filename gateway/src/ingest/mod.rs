@@ -188,6 +188,49 @@ pub(crate) struct Ingest {
     generations: Generations,
     qos0_dropped: AtomicU64,
     qos0_dropped_logged_at: AtomicU64,
+    health: StoreHealth,
+}
+
+/// Whether storing works: failures are logged when they start, every 10 s
+/// while they last (not once per publish: a full stream fails every
+/// device's publishes) and when they end; `/readyz` and a gauge tell it too.
+#[derive(Debug, Default)]
+struct StoreHealth {
+    /// Set while storing fails, so that success costs one load.
+    failing: std::sync::atomic::AtomicBool,
+    trouble: std::sync::Mutex<Option<Trouble>>,
+}
+
+#[derive(Debug)]
+struct Trouble {
+    since: std::time::Instant,
+    logged_at: std::time::Instant,
+    failures: u64,
+    error: String,
+    reason: &'static str,
+}
+
+/// Why storing failed, as the `reason` label of
+/// `hearth_gateway_store_failures_total`.
+fn failure_reason(error: &str) -> &'static str {
+    let error = error.to_ascii_lowercase();
+    if [
+        "maximum bytes",
+        "maximum messages",
+        "insufficient",
+        "resources",
+    ]
+    .iter()
+    .any(|full| error.contains(full))
+    {
+        "storage_full"
+    } else if error.contains("no stream answered") {
+        "no_stream"
+    } else if error.contains("no reply") {
+        "timeout"
+    } else {
+        "error"
+    }
 }
 
 impl Ingest {
@@ -208,7 +251,95 @@ impl Ingest {
             generations,
             qos0_dropped: AtomicU64::new(0),
             qos0_dropped_logged_at: AtomicU64::new(0),
+            health: StoreHealth::default(),
         }
+    }
+
+    /// A publish could not be stored (it is retried, or dropped at QoS 0).
+    pub(crate) fn store_failed(&self, error: &str) {
+        let reason = failure_reason(error);
+        metrics::counter!(crate::telemetry::STORE_FAILURES, "reason" => reason).increment(1);
+        let now = std::time::Instant::now();
+        let mut trouble = self
+            .health
+            .trouble
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        match trouble.as_mut() {
+            None => {
+                warn!(
+                    %error,
+                    reason,
+                    "storing in JetStream fails: devices' QoS 1 publishes are not acknowledged until \
+                     they are stored (retried under the same message ids)"
+                );
+                *trouble = Some(Trouble {
+                    since: now,
+                    logged_at: now,
+                    failures: 1,
+                    error: error.to_owned(),
+                    reason,
+                });
+                self.health.failing.store(true, Ordering::Release);
+                metrics::gauge!(crate::telemetry::STORE_FAILING).set(1.0);
+            }
+            Some(trouble) => {
+                trouble.failures += 1;
+                error.clone_into(&mut trouble.error);
+                trouble.reason = reason;
+                if now.duration_since(trouble.logged_at) >= std::time::Duration::from_secs(10) {
+                    trouble.logged_at = now;
+                    warn!(
+                        %error,
+                        reason,
+                        failures = trouble.failures,
+                        failing_for = ?now.duration_since(trouble.since),
+                        "storing in JetStream still fails; devices wait for their acknowledgements"
+                    );
+                }
+            }
+        }
+    }
+
+    /// A publish was stored.
+    pub(crate) fn store_succeeded(&self) {
+        if !self.health.failing.load(Ordering::Acquire) {
+            return;
+        }
+        let mut trouble = self
+            .health
+            .trouble
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(trouble) = trouble.take() {
+            tracing::info!(
+                failures = trouble.failures,
+                failed_for = ?trouble.since.elapsed(),
+                "storing in JetStream works again"
+            );
+        }
+        self.health.failing.store(false, Ordering::Release);
+        metrics::gauge!(crate::telemetry::STORE_FAILING).set(0.0);
+    }
+
+    /// Why storing fails, while it does.
+    pub(crate) fn store_trouble(&self) -> Option<String> {
+        if !self.health.failing.load(Ordering::Acquire) {
+            return None;
+        }
+        let trouble = self
+            .health
+            .trouble
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        trouble.as_ref().map(|trouble| {
+            format!(
+                "storing fails ({}) for {}s: {}",
+                trouble.reason,
+                trouble.since.elapsed().as_secs(),
+                trouble.error
+            )
+        })
     }
 
     /// QoS 0 publishes that could not be stored since start.

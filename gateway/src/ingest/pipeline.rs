@@ -184,6 +184,13 @@ impl Pipeline {
                         let Some(entry) = self.queue.pop_front() else {
                             break;
                         };
+                        if entry
+                            .acks
+                            .iter()
+                            .all(|ack| matches!(ack, Some(Ack::Stored { .. })))
+                        {
+                            self.ingest.store_succeeded();
+                        }
                         if let Ok(took) = entry.prepared.received_at.elapsed() {
                             self.settled_after.record(took);
                         }
@@ -344,24 +351,40 @@ impl Pipeline {
             _ => None,
         });
         if let Some(error) = failure {
+            ingest.store_failed(&error);
             if entry.prepared.qos == QoS::AtMostOnce {
                 ingest.count_qos0_drop(&error);
                 return Settle::Done;
             }
-            warn!(
+            debug!(
                 %error,
                 retry_in = ?entry.backoff,
                 correlation_id = %entry.prepared.correlation_id,
                 "storing a publish failed; retrying under the same message ids"
             );
-            for ack in &mut entry.acks {
-                if matches!(ack, Some(Ack::Failed(_))) {
-                    *ack = None;
-                    entry.missing += 1;
+            let deadline = Instant::now() + entry.backoff;
+            let backoff = (entry.backoff * 2).min(RETRY_MAX);
+            // Those behind that failed too (a full stream refuses them all)
+            // are tried again with it, not one retry tick each once they
+            // reach the front: a connection with hundreds in flight must
+            // recover at once when JetStream does.
+            for entry in &mut self.queue {
+                if entry.prepared.qos == QoS::AtMostOnce {
+                    continue;
+                }
+                let mut failed = 0;
+                for ack in &mut entry.acks {
+                    if matches!(ack, Some(Ack::Failed(_))) {
+                        *ack = None;
+                        failed += 1;
+                    }
+                }
+                if failed > 0 {
+                    entry.missing += failed;
+                    entry.deadline = deadline;
+                    entry.backoff = backoff;
                 }
             }
-            entry.deadline = Instant::now() + entry.backoff;
-            entry.backoff = (entry.backoff * 2).min(RETRY_MAX);
             return Settle::Again;
         }
 

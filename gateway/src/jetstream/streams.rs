@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, kv, stream};
 
-use crate::config::{MqttConfig, RetentionConfig, StorageConfig};
+use crate::config::{Discard, MqttConfig, RetentionConfig, StorageConfig};
 use crate::subject;
 
 pub const EVENTS_STREAM: &str = "HEARTH_EVENTS";
@@ -47,7 +47,10 @@ pub fn stream_configs(storage: &StorageConfig) -> [(&'static str, stream::Config
                     subjects: vec![subjects.to_owned()],
                     storage: stream::StorageType::File,
                     retention: stream::RetentionPolicy::Limits,
-                    discard: stream::DiscardPolicy::Old,
+                    discard: match limits.discard {
+                        Discard::Old => stream::DiscardPolicy::Old,
+                        Discard::New => stream::DiscardPolicy::New,
+                    },
                     max_age: limits.max_age,
                     max_bytes: i64::try_from(limits.max_bytes.as_u64()).unwrap_or(i64::MAX),
                     num_replicas: storage.replicas,
