@@ -139,7 +139,10 @@ async fn main() {
         let stop = CancellationToken::new();
         let run = tokio::spawn(view::run(
             js.clone(),
-            view::Options { http_listen: None },
+            view::Options {
+                http_listen: None,
+                ..view::Options::default()
+            },
             stop.clone(),
         ));
         let figures = until_consumed(&js, view::CONSUMER, run, stop).await;

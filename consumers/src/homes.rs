@@ -21,6 +21,10 @@ use serde::Deserialize;
 pub struct Homes {
     #[serde(default)]
     pub homes: BTreeMap<String, Home>,
+    /// Which homes this process handles (`--partition`); the homes of
+    /// other partitions are not in `homes`.
+    #[serde(skip)]
+    partition: crate::partition::Partition,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -122,6 +126,22 @@ pub enum HomesError {
 }
 
 impl Homes {
+    /// Keeps the homes of `partition` only (see [`crate::partition`]).
+    pub fn keep_partition(&mut self, partition: crate::partition::Partition) {
+        self.homes.retain(|home, _| partition.owns(home));
+        self.partition = partition;
+    }
+
+    /// The partition of homes this process handles.
+    pub fn partition(&self) -> crate::partition::Partition {
+        self.partition
+    }
+
+    /// Whether this process handles `home` (configured or not).
+    pub fn owns(&self, home: &str) -> bool {
+        self.partition.owns(home)
+    }
+
     pub fn load(path: &Path) -> Result<Self, HomesError> {
         let text = std::fs::read_to_string(path).map_err(|error| HomesError::Read {
             path: path.to_owned(),

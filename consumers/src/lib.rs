@@ -12,7 +12,8 @@
 //! each configured by the [`homes`] file, keeping its state in a KV bucket
 //! ([`state`]), storing its own events ([`events`]) and going by a
 //! [`clock`] tests can move. [`telemetry`] is what an operator watches:
-//! Prometheus metrics and health checks.
+//! Prometheus metrics and health checks. [`partition`] shares the homes
+//! between several processes.
 
 pub mod clock;
 pub mod commands;
@@ -21,6 +22,7 @@ pub mod events;
 pub mod homes;
 pub mod lights;
 pub mod notify;
+pub mod partition;
 pub mod runtime;
 pub mod security;
 pub mod state;

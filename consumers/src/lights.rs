@@ -146,6 +146,7 @@ impl Lights {
         homes: impl Into<Arc<Homes>>,
         commands: Commands,
     ) -> Result<Self, async_nats::Error> {
+        let homes: Arc<Homes> = homes.into();
         let state = state::open_bucket(
             js,
             BUCKET,
@@ -157,6 +158,13 @@ impl Lights {
         let mut keys = state.keys().await?;
         while let Some(key) = keys.next().await {
             let key = key?;
+            // Rooms of another partition's homes are its process's.
+            let owned = state::split_key(&key)
+                .and_then(|names| names.into_iter().next())
+                .is_none_or(|home| homes.owns(&home));
+            if !owned {
+                continue;
+            }
             if let Some(entry) = state.get(&key).await? {
                 match serde_json::from_slice::<RoomState>(&entry) {
                     Ok(room) => {
@@ -173,7 +181,7 @@ impl Lights {
             "lights state loaded"
         );
         Ok(Self {
-            homes: homes.into(),
+            homes,
             clock: Clock::system(),
             state,
             commands,

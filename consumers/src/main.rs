@@ -14,6 +14,7 @@ use hearth_consumers::events::Events;
 use hearth_consumers::homes::Homes;
 use hearth_consumers::lights::{self, Lights};
 use hearth_consumers::notify;
+use hearth_consumers::partition::Partition;
 use hearth_consumers::runtime;
 use hearth_consumers::security::{self, panel, Security};
 use hearth_consumers::telemetry;
@@ -59,6 +60,19 @@ struct Cli {
     /// line, with the event's span: consumer, event and correlation ids).
     #[arg(long, env = "HEARTH_LOG_FORMAT", default_value = "human", value_parser = ["human", "json"], global = true)]
     log_format: String,
+    /// This process's share of the homes when several run the rules (on
+    /// one machine or several, on one NATS cluster): I/N handles the homes
+    /// that hash to partition I of N, each rule on its own durable consumer
+    /// (hearth-lights-1of2), so every home's events are handled by one
+    /// process, in order. Start N processes, 1/N to N/N.
+    #[arg(
+        long,
+        env = "HEARTH_PARTITION",
+        value_name = "I/N",
+        default_value = "1/1",
+        global = true
+    )]
+    partition: Partition,
     /// How commands are stored: json (readable) or protobuf.
     #[arg(long, env = "HEARTH_ENCODING", default_value = "json")]
     encoding: Encoding,
@@ -122,16 +136,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Rule::HashCode = cli.rule {
         return hash_code();
     }
-    let homes = match (&cli.homes, &cli.rule) {
+    let mut homes = match (&cli.homes, &cli.rule) {
         // The view follows the events alone.
-        (None, Rule::View { .. }) => Arc::new(Homes::default()),
+        (None, Rule::View { .. }) => Homes::default(),
         (path, _) => {
             let path = path.as_ref().ok_or_else(|| {
                 anyhow!("--homes FILE (or HEARTH_HOMES) is needed: the homes file the rules follow")
             })?;
-            Arc::new(Homes::load(path)?)
+            Homes::load(path)?
         }
     };
+    if !cli.partition.is_whole() {
+        let configured = homes.homes.len();
+        homes.keep_partition(cli.partition);
+        tracing::info!(
+            partition = %cli.partition,
+            homes = ?homes.homes.keys().collect::<Vec<_>>(),
+            of_configured = configured,
+            "handling this partition's homes"
+        );
+    }
+    let homes = Arc::new(homes);
     let metrics_listen = match cli.metrics_listen.as_str() {
         "off" | "" => None,
         text => Some(
@@ -188,7 +213,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         ]
         .into_iter()
         .filter(|(rule, _)| wanted(rule))
-        .map(|(_, name)| name)
+        .map(|(_, name)| cli.partition.durable(name))
         .collect();
         tokio::spawn(telemetry::follow_lag(
             context.js.clone(),
@@ -216,6 +241,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         let rebuild = matches!(cli.rule, Rule::View { rebuild: true });
         let options = view::Options {
             http_listen: Some(cli.view_listen),
+            partition: cli.partition,
         };
         rules.spawn(run_view(
             context.clone(),
@@ -258,7 +284,7 @@ async fn run_lights(context: Started, shutdown: CancellationToken) -> anyhow::Re
     let timers = tokio::spawn(lights.clone().run_timers(shutdown.clone()));
     runtime::run_batches(
         &context.js,
-        &lights::spec(),
+        &lights::spec().partitioned(context.homes.partition()),
         move |events| {
             let lights = lights.clone();
             async move { lights.handle_batch(events).await }
@@ -292,7 +318,7 @@ async fn run_security(context: Started, shutdown: CancellationToken) -> anyhow::
     let panel = tokio::spawn(panel::serve(security.clone(), shutdown.clone()));
     runtime::run(
         &context.js,
-        &security::spec(),
+        &security::spec().partitioned(context.homes.partition()),
         move |received| {
             let security = security.clone();
             async move { security.handle(received).await }

@@ -55,6 +55,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument};
 
+use crate::partition::Partition;
+
 /// How long a pull request waits for events: a stopping run waits at most
 /// this long for the one it has out.
 const REQUEST_WAIT: Duration = Duration::from_secs(1);
@@ -110,6 +112,9 @@ pub struct Spec {
     /// the one in hand included (the consumer's `max_ack_pending`). More
     /// is more throughput and more events handed back on shutdown.
     pub prefetch: usize,
+    /// The homes this consumer handles; others' events are acknowledged
+    /// without reaching the handler (see [`Partition`]).
+    pub partition: Partition,
 }
 
 impl Spec {
@@ -123,7 +128,20 @@ impl Spec {
             retry: Duration::from_millis(500),
             from_start: false,
             prefetch: 512,
+            partition: Partition::WHOLE,
         }
+    }
+
+    /// This rule in `partition`: its own durable consumer
+    /// (`<name>-<I>of<N>`), for its homes only.
+    #[must_use]
+    pub fn partitioned(mut self, partition: Partition) -> Self {
+        self.name = partition.durable(&self.name);
+        if !partition.is_whole() {
+            self.description = format!("{} (homes of partition {partition})", self.description);
+        }
+        self.partition = partition;
+        self
     }
 }
 
@@ -274,15 +292,19 @@ async fn open_consumer(
     stream: &jetstream::stream::Stream,
     spec: &Spec,
 ) -> Result<consumer::PullConsumer, RuntimeError> {
+    let deliver_policy = if spec.from_start {
+        consumer::DeliverPolicy::All
+    } else {
+        match resume_from(stream, spec).await {
+            Some(start_sequence) => consumer::DeliverPolicy::ByStartSequence { start_sequence },
+            None => consumer::DeliverPolicy::New,
+        }
+    };
     let config = consumer::pull::Config {
         durable_name: Some(spec.name.clone()),
         description: Some(spec.description.clone()),
         filter_subject: spec.filter.clone(),
-        deliver_policy: if spec.from_start {
-            consumer::DeliverPolicy::All
-        } else {
-            consumer::DeliverPolicy::New
-        },
+        deliver_policy,
         ack_policy: consumer::AckPolicy::Explicit,
         ack_wait: spec.ack_wait,
         // The runtime counts attempts and dead-letters; a limit in the
@@ -312,6 +334,63 @@ async fn open_consumer(
     }
 }
 
+/// Where a rule's consumer that does not exist yet starts when the rule ran
+/// before under another partitioning: after the furthest event any of its
+/// consumers acknowledged, so that events stored while the processes were
+/// restarted with the new partitioning are not skipped. `None`: as a new
+/// rule, from the next event.
+async fn resume_from(stream: &jetstream::stream::Stream, spec: &Spec) -> Option<u64> {
+    if stream
+        .get_consumer::<consumer::pull::Config>(&spec.name)
+        .await
+        .is_ok()
+    {
+        return None;
+    }
+    let base = spec
+        .name
+        .strip_suffix(&format!("-{}", spec.partition).replace('/', "of"))
+        .unwrap_or(&spec.name);
+    let mut names = stream.consumer_names();
+    let mut furthest: Option<(u64, String)> = None;
+    let mut others = Vec::new();
+    while let Some(Ok(name)) = names.next().await {
+        // The other partitions of this partitioning are peers, not where
+        // this one's homes were handled before.
+        if Partition::count_of(base, &name).is_none_or(|count| count == spec.partition.count()) {
+            continue;
+        }
+        let Ok(mut other) = stream.get_consumer::<consumer::pull::Config>(&name).await else {
+            continue;
+        };
+        let Ok(info) = other.info().await else {
+            continue;
+        };
+        let acked = info.ack_floor.stream_sequence;
+        if furthest
+            .as_ref()
+            .is_none_or(|(sequence, _)| acked > *sequence)
+        {
+            furthest = Some((acked, name.clone()));
+        }
+        others.push(name);
+    }
+    let (acked, from) = furthest?;
+    info!(
+        consumer = %spec.name,
+        from,
+        start_sequence = acked + 1,
+        "new partitioning: starting after the furthest event the rule's other consumers acknowledged"
+    );
+    warn!(
+        consumer = %spec.name,
+        others = ?others,
+        "consumers of another partitioning are left in HEARTH_EVENTS; once no process uses them, \
+         remove them with `nats consumer rm HEARTH_EVENTS <name>`"
+    );
+    Some(acked + 1)
+}
+
 /// A run's [`Stats`], also counted in its metrics (see `telemetry`).
 struct Tally {
     stats: Stats,
@@ -319,6 +398,8 @@ struct Tally {
     handled: metrics::Counter,
     retried: metrics::Counter,
     dead_lettered: metrics::Counter,
+    /// Other partitions' events.
+    skipped: metrics::Counter,
     handler_time: metrics::Histogram,
 }
 
@@ -337,6 +418,7 @@ impl Tally {
             handled: events("handled"),
             retried: events("retried"),
             dead_lettered: events("dead_lettered"),
+            skipped: events("other_partition"),
             handler_time: metrics::histogram!(
                 "hearth_consumer_handler_seconds",
                 "consumer" => consumer.to_owned()
@@ -347,6 +429,10 @@ impl Tally {
     fn handled(&mut self) {
         self.stats.handled += 1;
         self.handled.increment(1);
+    }
+
+    fn skipped(&mut self) {
+        self.skipped.increment(1);
     }
 
     fn retried(&mut self) {
@@ -404,6 +490,15 @@ where
             continue;
         };
         let (sequence, delivered) = (info.stream_sequence, info.delivered.max(1));
+        if !spec.partition.owns_subject(&message.subject) {
+            // Another partition's home: that process handles it.
+            if let Err(error) = message.ack().await {
+                debug!(%error, "acknowledging another partition's event failed; it may come again");
+            }
+            feed.finished(sequence, &message);
+            stats.skipped();
+            continue;
+        }
         // JetStream's deliveries count as attempts: an event that comes
         // again after a crash has fewer left.
         if delivered > spec.max_deliver {

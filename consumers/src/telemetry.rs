@@ -136,19 +136,19 @@ async fn ready(State(served): State<Served>) -> (StatusCode, String) {
 /// until `shutdown`. A consumer not made yet is skipped.
 pub async fn follow_lag(
     js: jetstream::Context,
-    consumers: Vec<&'static str>,
+    consumers: Vec<String>,
     shutdown: CancellationToken,
 ) {
     loop {
         for name in &consumers {
             let consumer: Result<jetstream::consumer::PullConsumer, _> =
-                js.get_consumer_from_stream(*name, EVENTS_STREAM).await;
+                js.get_consumer_from_stream(name, EVENTS_STREAM).await;
             match consumer {
                 Ok(mut consumer) => match consumer.info().await {
                     Ok(info) => {
-                        metrics::gauge!("hearth_consumer_pending_events", "consumer" => *name)
+                        metrics::gauge!("hearth_consumer_pending_events", "consumer" => name.clone())
                             .set(info.num_pending as f64);
-                        metrics::gauge!("hearth_consumer_ack_pending_events", "consumer" => *name)
+                        metrics::gauge!("hearth_consumer_ack_pending_events", "consumer" => name.clone())
                             .set(info.num_ack_pending as f64);
                     }
                     Err(error) => debug!(consumer = name, %error, "cannot read the consumer's lag"),

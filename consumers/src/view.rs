@@ -50,12 +50,16 @@ pub const DEFAULT_HTTP_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr:
 pub struct Options {
     /// Where to serve HTTP; `None`: no HTTP (NATS requests only).
     pub http_listen: Option<SocketAddr>,
+    /// The homes this process projects; any process answers for every
+    /// home, from the bucket.
+    pub partition: crate::partition::Partition,
 }
 
 impl Default for Options {
     fn default() -> Self {
         Self {
             http_listen: Some(DEFAULT_HTTP_LISTEN),
+            partition: crate::partition::Partition::WHOLE,
         }
     }
 }
@@ -146,7 +150,7 @@ pub async fn run(
     ));
     let consumed = runtime::run_batches(
         &js,
-        &spec(),
+        &spec().partitioned(options.partition),
         move |events| {
             let projection = projection.clone();
             async move { projection.handle(events).await }

@@ -670,3 +670,45 @@ async fn events_handed_over_in_batches_are_finished_each_by_its_own_outcome() {
     let letter = dlq.get_last_raw_message_by_subject("hearth.dlq.>").await;
     assert!(letter.is_ok(), "the poison event is dead-lettered");
 }
+
+#[tokio::test]
+async fn a_rule_shared_out_anew_starts_where_it_stood_and_each_partition_sees_its_homes_only() {
+    use hearth_consumers::partition::Partition;
+    let (_nats, js) = setup().await;
+    let whole = quick("hearth-test-share");
+    run_until(&js, &whole, |_| None, |_| true).await;
+    let in_home = |id: &str, home: usize| v1::Event {
+        home: format!("home-{home}"),
+        ..motion(id, "pir")
+    };
+    for i in 0..2 {
+        store(&js, &in_home(&format!("before{i}"), i)).await;
+    }
+    let (seen, _) = run_until(&js, &whole, |_| None, |seen| seen.len() >= 2).await;
+    assert_eq!(seen, ["before0", "before1"]);
+
+    // Stored while every process is restarted with two partitions.
+    let homes: Vec<usize> = (0..10).collect();
+    for &home in &homes {
+        store(&js, &in_home(&format!("while{home}"), home)).await;
+    }
+    for number in 1..=2 {
+        let partition = Partition::new(number, 2).unwrap();
+        let expected: Vec<String> = homes
+            .iter()
+            .filter(|home| partition.owns(&format!("home-{home}")))
+            .map(|home| format!("while{home}"))
+            .collect();
+        assert!(!expected.is_empty(), "partition {partition} owns a home");
+        let spec = quick("hearth-test-share").partitioned(partition);
+        assert_eq!(spec.name, format!("hearth-test-share-{number}of2"));
+        let last = expected.last().cloned().unwrap();
+        let (seen, stats) =
+            run_until(&js, &spec, |_| None, move |seen| seen.last() == Some(&last)).await;
+        assert_eq!(
+            seen, expected,
+            "partition {partition}: its homes' events since the whole rule stopped, in order"
+        );
+        assert_eq!(stats.handled, expected.len() as u64);
+    }
+}

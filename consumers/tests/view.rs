@@ -47,6 +47,7 @@ async fn start(js: &jetstream::Context) -> Running {
         js.clone(),
         Options {
             http_listen: Some(http),
+            ..Options::default()
         },
         stop.clone(),
     ));
@@ -566,6 +567,7 @@ async fn a_taken_http_port_fails_the_start() {
         js,
         Options {
             http_listen: Some(addr),
+            ..Options::default()
         },
         CancellationToken::new(),
     )

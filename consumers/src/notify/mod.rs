@@ -145,7 +145,7 @@ pub async fn run(
     let handler = rule.clone();
     let consumed = runtime::run(
         &js,
-        &spec(),
+        &spec().partitioned(homes.partition()),
         move |received| {
             let rule = handler.clone();
             async move { rule.handle(received).await }

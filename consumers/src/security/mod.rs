@@ -408,6 +408,12 @@ impl Security {
         Ok(())
     }
 
+    /// Whether this process handles `home` (see [`crate::partition`]): the
+    /// panel of another partition's home is its process's to answer.
+    pub fn owns(&self, home: &str) -> bool {
+        self.homes.owns(home)
+    }
+
     fn config(&self, home: &str) -> Option<&config::Config> {
         self.homes.homes.get(home)?.security.as_ref()
     }

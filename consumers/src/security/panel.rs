@@ -187,6 +187,9 @@ pub async fn serve(
                     .next()
                     .and_then(|token| subject::decode_token(token).ok())
                     .unwrap_or_default();
+                if !security.owns(&home) {
+                    continue;
+                }
                 let security = security.clone();
                 let client = client.clone();
                 tokio::spawn(async move {
@@ -209,6 +212,9 @@ pub async fn serve(
                 else {
                     continue;
                 };
+                if !security.owns(&home) {
+                    continue;
+                }
                 let security = security.clone();
                 let client = client.clone();
                 let prefix = prefix.clone();

@@ -245,6 +245,26 @@ pub(crate) fn cheap_code_hash(code: &str) -> String {
 }
 
 // ---------------------------------------------------------------------------
+// The real hearth-consumers process.
+
+/// Runs `hearth-consumers` against `url` with the homes file `homes`, no
+/// HTTP listeners, warnings only in its log, then `args` (the rule, and
+/// options such as `--partition`). Killed when dropped.
+pub(crate) fn spawn_rules(url: &str, homes: &std::path::Path, args: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_hearth-consumers"))
+        .args(["--nats-url", url, "--view-listen", "127.0.0.1:0"])
+        .args(["--notify-listen", "off", "--metrics-listen", "off"])
+        .arg("--homes")
+        .arg(homes)
+        .args(args)
+        .env("HEARTH_LOG", "warn")
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run hearth-consumers")
+}
+
+// ---------------------------------------------------------------------------
 // The real gateway and real MQTT clients.
 
 /// Fails the test when the `mosquitto_pub`/`mosquitto_sub` clients are not
