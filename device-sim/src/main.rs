@@ -10,16 +10,20 @@ use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<ExitCode> {
+    let options = Options::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("HEARTH_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         // Colours for a terminal, plain text for files and journald.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    let options = Options::parse();
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if options.log_format == "json" {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
     if options.only_write_homes {
         let layout = hearth_sim::run::layout(&options)?;
         hearth_sim::run::write_homes(&options, &layout)?;

@@ -170,6 +170,12 @@ pub struct Options {
     /// How long devices wait for outstanding PUBACKs at the end.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub drain: Duration,
+
+    /// Log format on stderr: human (coloured on a terminal) or json (one
+    /// object a line, for log collectors). The level is HEARTH_LOG or
+    /// RUST_LOG (default info).
+    #[arg(long, env = "HEARTH_LOG_FORMAT", default_value = "human", value_parser = ["human", "json"])]
+    pub log_format: String,
 }
 
 fn parse_time_of_day(text: &str) -> Result<u64, String> {
