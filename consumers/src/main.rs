@@ -28,7 +28,8 @@ use tracing_subscriber::EnvFilter;
 #[derive(Debug, Parser)]
 #[command(name = "hearth-consumers", version, about, long_about)]
 struct Cli {
-    /// NATS server URL (the hearth gateway's).
+    /// NATS server URL (the hearth gateway's); several servers of a cluster
+    /// comma-separated.
     #[arg(long, env = "HEARTH_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     nats_url: String,
     /// The homes file: rooms, lights, alarm zones and codes, recipients
@@ -164,9 +165,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .with_context(|| format!("--metrics-listen {text:?} is not host:port (or off)"))?,
         ),
     };
+    // Several servers of a cluster, comma-separated.
+    let servers: Vec<&str> = cli
+        .nats_url
+        .split(',')
+        .map(str::trim)
+        .filter(|server| !server.is_empty())
+        .collect();
     let client = async_nats::ConnectOptions::new()
         .event_callback(|event| async move { telemetry::nats_event(&event) })
-        .connect(&cli.nats_url)
+        .connect(servers)
         .await
         .with_context(|| format!("cannot connect to NATS at {}", cli.nats_url))?;
     let js = async_nats::jetstream::new(client.clone());

@@ -12,6 +12,28 @@ use rumqttc::mqttbytes::v4::Packet;
 use rumqttc::mqttbytes::QoS;
 
 #[tokio::test]
+async fn several_nats_urls_start_the_gateway_while_one_of_them_is_down() {
+    let nats = TestNats::start().await;
+    let down = format!("nats://127.0.0.1:{}", hearth_test_support::free_port());
+    let urls = format!("{down}, {}", nats.url());
+    let gateway = gateway(&nats, |config| config.nats.url = Some(urls)).await;
+    let (mut device, _) = RawClient::connect(gateway.mqtt_addr(), "pir-2", true, 30).await;
+    device
+        .publish(
+            "hearth/home1/hall/pir-2/motion",
+            br#"{"detected":true}"#,
+            QoS::AtLeastOnce,
+            1,
+            false,
+        )
+        .await;
+    device.expect_puback(1).await;
+    let stored = stored(&jetstream(&nats).await, "HEARTH_EVENTS").await;
+    assert_eq!(stored.len(), 1);
+    gateway.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_native_publish_is_stored_with_subject_headers_and_body() {
     let nats = TestNats::start().await;
     let gateway = gateway(&nats, |_| {}).await;

@@ -23,6 +23,9 @@ use tempfile::TempDir;
 mod mosquitto;
 pub use mosquitto::TestMosquitto;
 
+mod cluster;
+pub use cluster::TestCluster;
+
 /// A nats-server with JetStream for one test, on a free port with its own
 /// temporary store; killed and removed on drop.
 #[derive(Debug)]

@@ -214,6 +214,43 @@ fn error_kind(error: &ConnectionError) -> &'static str {
     }
 }
 
+/// The task polling a session's event loop; aborted (closing the socket
+/// without DISCONNECT) when the session ends.
+struct Poller(tokio::task::JoinHandle<()>);
+
+impl Drop for Poller {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Polls `eventloop`, handing every event and error to the session. After
+/// an error it backs off, growing, with jitter (from `seed`), so that a
+/// storm of failures does not become a storm of reconnects; the next poll
+/// connects again.
+async fn poll(
+    mut eventloop: rumqttc::EventLoop,
+    events: mpsc::Sender<Result<Event, ConnectionError>>,
+    seed: u64,
+) {
+    let mut failures: u32 = 0;
+    loop {
+        let event = eventloop.poll().await;
+        let failed = event.is_err();
+        if events.send(event).await.is_err() {
+            return;
+        }
+        if failed {
+            failures = failures.saturating_add(1);
+            let base = 250u64 << failures.min(5);
+            let jitter = (seed * 7919 + u64::from(failures) * 104_729) % base;
+            tokio::time::sleep(Duration::from_millis(base + jitter)).await;
+        } else {
+            failures = 0;
+        }
+    }
+}
+
 impl Task {
     async fn session(&mut self, inbox: &mut mpsc::Receiver<Control>) -> Ended {
         let capacity = usize::from(if self.device.flood {
@@ -221,7 +258,17 @@ impl Task {
         } else {
             INFLIGHT
         }) + 6;
-        let (client, mut eventloop) = AsyncClient::new(self.options.clone(), capacity);
+        let (client, eventloop) = AsyncClient::new(self.options.clone(), capacity);
+        // Polled in a task of its own: rumqttc connects inside `poll`, and a
+        // poll dropped by a `select!` between CONNECT and CONNACK would close
+        // a connection the gateway accepted, leaving a will the device never
+        // knew of (and reconnecting at once).
+        let (events_tx, mut events) = mpsc::channel(capacity);
+        let poller = Poller(tokio::spawn(poll(
+            eventloop,
+            events_tx,
+            self.device.id as u64,
+        )));
         let mut session = Session {
             client,
             connected: false,
@@ -229,10 +276,9 @@ impl Task {
             pending: HashMap::new(),
         };
         let mut stop_by: Option<tokio::time::Instant> = None;
-        let mut failures: u32 = 0;
         loop {
             if stop_by.is_some() && session.queued.is_empty() && session.pending.is_empty() {
-                self.disconnect(&mut session, &mut eventloop).await;
+                self.disconnect(&mut session, &mut events).await;
                 return Ended::Stopped;
             }
             let deadline =
@@ -257,6 +303,7 @@ impl Task {
                         self.lost(&mut session, "lost_in_dropout");
                         // Dropping the event loop closes the socket without
                         // a DISCONNECT: the gateway publishes the will.
+                        drop(poller);
                         return Ended::Offline;
                     }
                     Some(Control::Online) => {}
@@ -265,12 +312,10 @@ impl Task {
                         self.top_up(&mut session);
                     }
                 },
-                event = eventloop.poll() => match event {
-                    Ok(event) => {
-                        failures = 0;
-                        self.handle(&mut session, event);
-                    }
-                    Err(error) => {
+                event = events.recv() => match event {
+                    None => return Ended::Stopped,
+                    Some(Ok(event)) => self.handle(&mut session, event),
+                    Some(Err(error)) => {
                         if session.connected && self.device.kind != DeviceKind::Keypad {
                             // Ended without DISCONNECT: the gateway publishes
                             // the device's last will, unless it had not seen
@@ -287,12 +332,6 @@ impl Task {
                             self.lost(&mut session, "unacknowledged_at_end");
                             return Ended::Stopped;
                         }
-                        // Back off, growing, with jitter, so that a storm of
-                        // failures does not become a storm of reconnects.
-                        failures = failures.saturating_add(1);
-                        let base = 250u64 << failures.min(5);
-                        let jitter = (self.device.id as u64 * 7919 + u64::from(failures) * 104_729) % base;
-                        tokio::time::sleep(Duration::from_millis(base + jitter)).await;
                     }
                 },
                 () = tokio::time::sleep_until(self.keypad_retry.unwrap_or(deadline)), if self.keypad_retry.is_some() && stop_by.is_none() => {
@@ -316,16 +355,20 @@ impl Task {
     }
 
     /// Sends DISCONNECT (no will) and waits briefly for it to be written.
-    async fn disconnect(&self, session: &mut Session, eventloop: &mut rumqttc::EventLoop) {
+    async fn disconnect(
+        &self,
+        session: &mut Session,
+        events: &mut mpsc::Receiver<Result<Event, ConnectionError>>,
+    ) {
         if !session.connected {
             return;
         }
         let _ = session.client.try_disconnect();
         let written = async {
             loop {
-                match eventloop.poll().await {
-                    Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => return,
-                    Ok(_) => {}
+                match events.recv().await {
+                    Some(Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_)) | None => return,
+                    Some(Ok(_)) => {}
                 }
             }
         };

@@ -66,8 +66,15 @@ pub async fn connect(config: &NatsConfig, url: &str) -> Result<async_nats::Clien
             .add_client_certificate(cert.clone(), key.clone())
             .require_tls(true);
     }
+    // Several servers of a cluster, comma-separated: the gateway starts
+    // (and reconnects) while any of them answers.
+    let servers: Vec<&str> = url
+        .split(',')
+        .map(str::trim)
+        .filter(|server| !server.is_empty())
+        .collect();
     options
-        .connect(url)
+        .connect(servers)
         .await
         .map_err(|source| ConnectError::Connect {
             url: url.to_owned(),
