@@ -171,7 +171,13 @@ async fn a_killed_rule_process_loses_and_repeats_nothing() {
     // on, and the hall's off time may come before or after it (either
     // order is right).
     let lit = [("ceiling", "on"), ("siren", "on"), ("spots", "on")];
-    let deadline = tokio::time::Instant::now() + PROMPTLY;
+    // Events the killed process held unacknowledged (handled, the
+    // acknowledgement not yet at the server) come back only after the ack
+    // wait, and the rule takes them first: up to that much more.
+    let ack_wait = hearth_consumers::lights::spec()
+        .ack_wait
+        .max(hearth_consumers::security::spec().ack_wait);
+    let deadline = tokio::time::Instant::now() + ack_wait + PROMPTLY;
     loop {
         let (states, commands) = actions(&js).await;
         if states.len() >= 3 && last_of_each(&commands) == lit {

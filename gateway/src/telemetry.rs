@@ -21,6 +21,9 @@
 //!   `hearth_gateway_store_failing` (1 while devices wait for storage);
 //! - `hearth_gateway_bridge_connected`, `_bridge_received_total{outcome}`,
 //!   `_bridge_forwarded_total` in bridge mode;
+//! - `hearth_gateway_backpressure_waits_total{cause}`: a connection not
+//!   read from until storage caught up (`inflight_window`,
+//!   `memory_budget`, `retained_backlog`);
 //! - `hearth_gateway_nats_reconnects_total`;
 //! - gauges `hearth_gateway_mqtt_clients`, `_mqtt_subscriptions`,
 //!   `_retained_topics`, `_devices_known`, `_persistent_sessions`, and
@@ -40,6 +43,11 @@ pub(crate) const STORE_SECONDS: &str = "hearth_gateway_store_seconds";
 /// Failed attempts to store a publish, by reason (`storage_full`, `no_stream`,
 /// `timeout`, `error`); QoS 1 publishes are retried, QoS 0 dropped.
 pub(crate) const STORE_FAILURES: &str = "hearth_gateway_store_failures_total";
+/// Times a connection stopped being read until storage caught up, by cause:
+/// `inflight_window` (`mqtt.max_inflight` publishes awaiting storage),
+/// `memory_budget` (`mqtt.max_inflight_bytes` spent across connections),
+/// `retained_backlog` (retained messages for new subscriptions unsent).
+pub(crate) const BACKPRESSURE: &str = "hearth_gateway_backpressure_waits_total";
 /// 1 while storing fails (devices wait for their acknowledgements).
 pub(crate) const STORE_FAILING: &str = "hearth_gateway_store_failing";
 

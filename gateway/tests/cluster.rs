@@ -26,22 +26,18 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer::pull, message::StreamMessage, stream};
-use common::{header, json, stored};
-use futures::{SinkExt, StreamExt};
+use async_nats::jetstream::{self, consumer::pull, stream};
+use common::meters::{self, count, lux, Acked};
+use common::{header, stored};
+use futures::StreamExt;
 use hearth_test_support::TestCluster;
-use rumqttc::mqttbytes::v4::{self, Packet};
-use rumqttc::mqttbytes::QoS;
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
-use tokio_util::codec::Framed;
 
 const NODES: usize = 3;
 const DEVICES: u64 = 10;
 const EACH: u64 = 300;
-/// Readings a device has in flight at most.
-const WINDOW: usize = 20;
 const EVENTS: &str = "HEARTH_EVENTS";
 /// The durable consumer standing for a house rule.
 const CONSUMER: &str = "cluster-audit";
@@ -106,7 +102,16 @@ async fn killing_the_stream_leader_of_a_three_node_cluster_loses_no_acknowledged
 
     let acked: Acked = Arc::default();
     let devices: Vec<_> = (0..DEVICES)
-        .map(|n| device(mqtt, n, Arc::clone(&acked)))
+        .map(|n| {
+            meters::spawn(
+                mqtt,
+                "home",
+                n,
+                EACH,
+                meters::no_quota(EACH),
+                Arc::clone(&acked),
+            )
+        })
         .collect();
     let deadline = Instant::now() + Duration::from_secs(30);
     while count(&acked) < DEVICES * EACH / 3 {
@@ -524,103 +529,4 @@ async fn wait_for_replicas_current(js: &jetstream::Context, stream: &str, replic
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-fn lux(message: &StreamMessage) -> u64 {
-    json(message)["illuminance"]["lux"]
-        .as_f64()
-        .expect("a reading") as u64
-}
-
-/// The readings each device had acknowledged.
-type Acked = Arc<Mutex<BTreeMap<u64, Vec<u64>>>>;
-
-fn count(acked: &Acked) -> u64 {
-    acked.lock().unwrap().values().map(|v| v.len() as u64).sum()
-}
-
-/// A device connection: MQTT 3.1.1 over TCP with rumqttc's codec.
-type Connection = Framed<TcpStream, v4::Codec>;
-
-/// Connects with a persistent session (clean session 0); `None` while the
-/// gateway cannot take it.
-async fn connect(mqtt: SocketAddr, client_id: &str) -> Option<Connection> {
-    let stream = TcpStream::connect(mqtt).await.ok()?;
-    let mut connection = Framed::new(
-        stream,
-        v4::Codec {
-            max_incoming_size: 1 << 20,
-            max_outgoing_size: 1 << 20,
-        },
-    );
-    let mut connect = v4::Connect::new(client_id);
-    connect.clean_session = false;
-    connect.keep_alive = 30;
-    connection.send(Packet::Connect(connect)).await.ok()?;
-    match tokio::time::timeout(Duration::from_secs(5), connection.next()).await {
-        Ok(Some(Ok(Packet::ConnAck(ack)))) if ack.code == v4::ConnectReturnCode::Success => {
-            Some(connection)
-        }
-        _ => None,
-    }
-}
-
-/// A device sending `EACH` readings at QoS 1, `WINDOW` in flight, as a
-/// device does: when no PUBACK comes for 10 s or the connection drops, it
-/// connects again and resends every reading not acknowledged, with DUP set
-/// and the same packet id (as in `faults.rs`).
-fn device(mqtt: SocketAddr, number: u64, acked: Acked) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let client_id = format!("meter-{number}");
-        let topic = format!("hearth/home/lab/meter-{number}/illuminance");
-        let publish = |pkid: u16, value: u64, dup: bool| {
-            let payload = format!(r#"{{"lux":{value}}}"#).into_bytes();
-            let mut publish = v4::Publish::new(&topic, QoS::AtLeastOnce, payload);
-            publish.pkid = pkid;
-            publish.dup = dup;
-            Packet::Publish(publish)
-        };
-        let mut unacked: BTreeMap<u16, u64> = BTreeMap::new();
-        let mut sent = 0u64;
-        'connection: loop {
-            let Some(mut connection) = connect(mqtt, &client_id).await else {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            };
-            for (&pkid, &value) in &unacked {
-                if connection.send(publish(pkid, value, true)).await.is_err() {
-                    continue 'connection;
-                }
-            }
-            loop {
-                while unacked.len() < WINDOW && sent < EACH {
-                    let value = number * 10_000 + sent;
-                    // Packet ids 1..=WINDOW * 2, never one still in flight.
-                    let pkid = (1..=(WINDOW as u16) * 2)
-                        .find(|pkid| !unacked.contains_key(pkid))
-                        .expect("a free packet id");
-                    unacked.insert(pkid, value);
-                    sent += 1;
-                    if connection.send(publish(pkid, value, false)).await.is_err() {
-                        continue 'connection;
-                    }
-                    if sent % 20 == 0 {
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                    }
-                }
-                if unacked.is_empty() && sent == EACH {
-                    return;
-                }
-                match tokio::time::timeout(Duration::from_secs(10), connection.next()).await {
-                    Ok(Some(Ok(Packet::PubAck(ack)))) => {
-                        if let Some(value) = unacked.remove(&ack.pkid) {
-                            acked.lock().unwrap().entry(number).or_default().push(value);
-                        }
-                    }
-                    Ok(Some(Ok(_))) => {}
-                    _ => continue 'connection,
-                }
-            }
-        }
-    })
 }

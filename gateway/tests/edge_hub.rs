@@ -19,22 +19,17 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, message::StreamMessage};
-use common::{gateway, header, json, stored, TestNats, PROMPTLY};
-use futures::{SinkExt, StreamExt};
+use common::meters::{self, count, lux, Acked};
+use common::{gateway, header, stored, TestNats, PROMPTLY};
 use hearth_test_support::free_port;
 use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
-use rumqttc::mqttbytes::v4::{self, Packet};
-use rumqttc::mqttbytes::QoS;
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tokio_util::codec::Framed;
 
 const HUB_CONF: &str = include_str!("../../deploy/edge/hub.conf");
 const EDGE_CONF: &str = include_str!("../../deploy/edge/edge.conf");
@@ -54,8 +49,6 @@ const BEFORE: u64 = 100;
 const AT_KILL: u64 = 250;
 const WHILE_DOWN: u64 = 400;
 const EACH: u64 = 500;
-/// Readings a device has in flight at most.
-const WINDOW: usize = 20;
 /// How long the restarted hub may take to catch up. nats-server 2.9 takes
 /// a few seconds; 2.14 and later about 40: the hub asks the home for a
 /// source consumer as soon as it starts, before the home's leaf link is
@@ -86,7 +79,16 @@ async fn a_hub_that_was_down_catches_up_with_every_acknowledged_reading_exactly_
     let acked: Acked = Arc::default();
     let (quota, quota_rx) = watch::channel(BEFORE);
     let devices: Vec<_> = (0..DEVICES)
-        .map(|n| device(gateway.mqtt_addr(), n, quota_rx.clone(), Arc::clone(&acked)))
+        .map(|n| {
+            meters::spawn(
+                gateway.mqtt_addr(),
+                "home1",
+                n,
+                EACH,
+                quota_rx.clone(),
+                Arc::clone(&acked),
+            )
+        })
         .collect();
     wait_for_acked(&acked, DEVICES * BEFORE, "with the hub up").await;
     wait_for_stream(
@@ -383,115 +385,4 @@ async fn wait_for_acked(acked: &Acked, count: u64, when: &str) {
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-}
-
-fn lux(message: &StreamMessage) -> u64 {
-    json(message)["illuminance"]["lux"]
-        .as_f64()
-        .expect("a reading") as u64
-}
-
-/// The readings each device had acknowledged.
-type Acked = Arc<Mutex<BTreeMap<u64, Vec<u64>>>>;
-
-fn count(acked: &Acked) -> u64 {
-    acked.lock().unwrap().values().map(|v| v.len() as u64).sum()
-}
-
-/// A device connection: MQTT 3.1.1 over TCP with rumqttc's codec.
-type Connection = Framed<TcpStream, v4::Codec>;
-
-/// Connects with a persistent session (clean session 0).
-async fn connect(mqtt: SocketAddr, client_id: &str) -> Option<Connection> {
-    let stream = TcpStream::connect(mqtt).await.ok()?;
-    let mut connection = Framed::new(
-        stream,
-        v4::Codec {
-            max_incoming_size: 1 << 20,
-            max_outgoing_size: 1 << 20,
-        },
-    );
-    let mut connect = v4::Connect::new(client_id);
-    connect.clean_session = false;
-    connect.keep_alive = 30;
-    connection.send(Packet::Connect(connect)).await.ok()?;
-    match tokio::time::timeout(Duration::from_secs(5), connection.next()).await {
-        Ok(Some(Ok(Packet::ConnAck(ack)))) if ack.code == v4::ConnectReturnCode::Success => {
-            Some(connection)
-        }
-        _ => None,
-    }
-}
-
-/// A device sending QoS 1 readings, `WINDOW` in flight, up to the number
-/// `quota` allows at the time, and done once it reached [`EACH`] and all are
-/// acknowledged. When no PUBACK comes for 10 s or the connection drops it
-/// connects again and resends every reading not acknowledged, with DUP set
-/// and the same packet id (as in `faults.rs`).
-fn device(
-    mqtt: SocketAddr,
-    number: u64,
-    mut quota: watch::Receiver<u64>,
-    acked: Acked,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let client_id = format!("meter-{number}");
-        let topic = format!("hearth/home1/lab/meter-{number}/illuminance");
-        let publish = |pkid: u16, value: u64, dup: bool| {
-            let payload = format!(r#"{{"lux":{value}}}"#).into_bytes();
-            let mut publish = v4::Publish::new(&topic, QoS::AtLeastOnce, payload);
-            publish.pkid = pkid;
-            publish.dup = dup;
-            Packet::Publish(publish)
-        };
-        let mut unacked: BTreeMap<u16, u64> = BTreeMap::new();
-        let mut sent = 0u64;
-        'connection: loop {
-            let Some(mut connection) = connect(mqtt, &client_id).await else {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            };
-            for (&pkid, &value) in &unacked {
-                if connection.send(publish(pkid, value, true)).await.is_err() {
-                    continue 'connection;
-                }
-            }
-            loop {
-                let allowed = *quota.borrow_and_update();
-                while unacked.len() < WINDOW && sent < allowed {
-                    let value = number * 10_000 + sent;
-                    // Packet ids 1..=WINDOW * 2, never one still in flight.
-                    let pkid = (1..=(WINDOW as u16) * 2)
-                        .find(|pkid| !unacked.contains_key(pkid))
-                        .expect("a free packet id");
-                    unacked.insert(pkid, value);
-                    sent += 1;
-                    if connection.send(publish(pkid, value, false)).await.is_err() {
-                        continue 'connection;
-                    }
-                }
-                if unacked.is_empty() {
-                    if sent == EACH {
-                        return;
-                    }
-                    if sent == allowed {
-                        // Until the test allows more.
-                        if quota.changed().await.is_err() {
-                            return;
-                        }
-                        continue;
-                    }
-                }
-                match tokio::time::timeout(Duration::from_secs(10), connection.next()).await {
-                    Ok(Some(Ok(Packet::PubAck(ack)))) => {
-                        if let Some(value) = unacked.remove(&ack.pkid) {
-                            acked.lock().unwrap().entry(number).or_default().push(value);
-                        }
-                    }
-                    Ok(Some(Ok(_))) => {}
-                    _ => continue 'connection,
-                }
-            }
-        }
-    })
 }

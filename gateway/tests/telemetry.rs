@@ -103,3 +103,40 @@ async fn events_dead_letters_store_times_and_clients_are_on_metrics_and_readines
     }
     gateway.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_device_held_back_by_its_inflight_window_is_counted_as_backpressure() {
+    hearth_gateway::telemetry::install().expect("the recorder");
+    let mut nats = TestNats::start().await;
+    let gateway = gateway(&nats, |config| config.mqtt.max_inflight = 2).await;
+    let (mut device, _) = RawClient::connect(gateway.mqtt_addr(), "meter", true, 30).await;
+    // Storage away: the first two publishes wait, the rest are not read.
+    nats.kill().await;
+    for pkid in 1..=5 {
+        let payload = format!(r#"{{"lux":{pkid}}}"#);
+        device
+            .publish(
+                "hearth/home/hall/meter/illuminance",
+                payload.as_bytes(),
+                QoS::AtLeastOnce,
+                pkid,
+                false,
+            )
+            .await;
+    }
+    let series = r#"hearth_gateway_backpressure_waits_total{cause="inflight_window"}"#;
+    let deadline = tokio::time::Instant::now() + PROMPTLY;
+    loop {
+        let page = http_get(gateway.http_addr(), "/metrics").await;
+        if sample(&page, series).is_some_and(|n| n >= 1.0) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{page}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    nats.restart().await;
+    for pkid in 1..=5 {
+        device.expect_puback(pkid).await;
+    }
+    gateway.shutdown().await;
+}

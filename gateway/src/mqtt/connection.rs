@@ -691,12 +691,22 @@ impl Session {
         let mut deadline = self
             .keep_alive
             .map_or_else(far_future, |ka| Instant::now() + ka);
+        let mut was_reading = true;
         loop {
             // Also not while retained messages for new subscriptions pile
             // up unsent: a client that subscribes again and again without
             // acknowledging must not grow that backlog without end.
             let reading =
                 self.inflight < self.max_inflight && self.retained.len() < RETAINED_BACKLOG;
+            if was_reading && !reading {
+                let cause = if self.inflight >= self.max_inflight {
+                    "inflight_window"
+                } else {
+                    "retained_backlog"
+                };
+                metrics::counter!(crate::telemetry::BACKPRESSURE, "cause" => cause).increment(1);
+            }
+            was_reading = reading;
             let mut sending = self.outgoing.unacked.len() < self.max_inflight;
             if sending && !self.retained.is_empty() {
                 let written = crate::deadline::within(WRITE_TIMEOUT, async {
@@ -844,9 +854,13 @@ impl Session {
     async fn reserve(&self, publish: &v4::Publish) -> Option<OwnedSemaphorePermit> {
         let budget = &self.budget;
         let wanted = budget_share(publish.payload.len(), self.budget_total);
-        if publish.qos == QoS::AtMostOnce {
-            return Arc::clone(budget).try_acquire_many_owned(wanted).ok();
+        if let Ok(permit) = Arc::clone(budget).try_acquire_many_owned(wanted) {
+            return Some(permit);
         }
+        if publish.qos == QoS::AtMostOnce {
+            return None;
+        }
+        metrics::counter!(crate::telemetry::BACKPRESSURE, "cause" => "memory_budget").increment(1);
         Arc::clone(budget).acquire_many_owned(wanted).await.ok()
     }
 
