@@ -8,7 +8,6 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -78,22 +77,7 @@ async fn a_break_in_sounds_the_siren_over_mqtt_and_calls_the_webhook_once() {
     let (hook, received) = webhook().await;
     let dir = tempfile::tempdir().unwrap();
     let homes = homes_file(dir.path(), hook);
-    let mut rules = tokio::process::Command::new(env!("CARGO_BIN_EXE_hearth-consumers"))
-        .args(["--nats-url", &nats.url(), "--view-listen", "127.0.0.1:0"])
-        .args([
-            "--notify-listen",
-            "off",
-            "--metrics-listen",
-            "off",
-            "--homes",
-        ])
-        .arg(&homes)
-        .arg("all")
-        .env("HEARTH_LOG", "warn")
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("run hearth-consumers");
+    let mut rules = common::spawn_rules(&nats.url(), &homes, &["all"]);
 
     // The rules are up once the panel answers (the consumers exist by then
     // or moments later; the keypad's request below waits for them).

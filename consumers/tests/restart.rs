@@ -6,7 +6,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -45,25 +44,7 @@ type = "entry"
 }
 
 fn spawn(url: &str, homes: &Path) -> tokio::process::Child {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_hearth-consumers"))
-        .args([
-            "--nats-url",
-            url,
-            "--view-listen",
-            "127.0.0.1:0",
-            "--notify-listen",
-            "off",
-            "--metrics-listen",
-            "off",
-        ])
-        .arg("--homes")
-        .arg(homes)
-        .arg("all")
-        .env("HEARTH_LOG", "warn")
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("run hearth-consumers")
+    common::spawn_rules(url, homes, &["all"])
 }
 
 async fn publish(js: &jetstream::Context, id: &str, room: &str, device: &str, body: Body) {

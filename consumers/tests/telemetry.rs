@@ -11,16 +11,10 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use hearth_proto::v1::{self, event::Body};
+use hearth_test_support::prometheus_sample as sample;
 
 /// A whole process starts and acts.
 const PROMPTLY: Duration = Duration::from_secs(15);
-
-/// The value of the sample `name{labels}` in a Prometheus text page.
-fn sample(page: &str, series: &str) -> Option<f64> {
-    page.lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|value| value.trim().parse().ok())
-}
 
 #[tokio::test]
 async fn handled_events_commands_and_lag_are_on_metrics_and_readiness_follows_nats() {

@@ -14,6 +14,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
+use hearth_test_support::prometheus_sample as metric;
 use rumqttc::mqttbytes::v4::Packet;
 use rumqttc::mqttbytes::QoS;
 use tokio::process::Command;
@@ -70,13 +71,6 @@ async fn send(
             None => return false,
         }
     }
-}
-
-fn metric(page: &str, name: &str) -> Option<f64> {
-    page.lines()
-        .find(|line| line.starts_with(name))
-        .and_then(|line| line.rsplit(' ').next())
-        .and_then(|value| value.parse().ok())
 }
 
 #[tokio::test]

@@ -9,14 +9,8 @@ mod common;
 use std::time::Duration;
 
 use common::{gateway, http_get, RawClient, TestNats, PROMPTLY};
+use hearth_test_support::prometheus_sample as sample;
 use rumqttc::mqttbytes::QoS;
-
-/// The value of the sample `series` (name and labels) in a Prometheus page.
-fn sample(page: &str, series: &str) -> Option<f64> {
-    page.lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|value| value.trim().parse().ok())
-}
 
 #[tokio::test]
 async fn events_dead_letters_store_times_and_clients_are_on_metrics_and_readiness_follows_nats() {

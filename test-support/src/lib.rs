@@ -171,3 +171,12 @@ pub fn python_with_paho() -> Option<std::path::PathBuf> {
         .is_ok_and(|status| status.success())
         .then_some(python)
 }
+
+/// The value of the sample `series` (a metric's name and labels exactly as
+/// rendered, e.g. `hearth_gateway_events_total{convention="native",kind="motion"}`)
+/// in a Prometheus text page; `None` when the page does not have it.
+pub fn prometheus_sample(page: &str, series: &str) -> Option<f64> {
+    page.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+}
