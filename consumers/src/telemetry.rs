@@ -66,14 +66,26 @@ pub enum TelemetryError {
 
 /// Installs the Prometheus recorder for this process.
 pub fn install() -> Result<PrometheusHandle, TelemetryError> {
-    PrometheusBuilder::new()
+    let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(
             Matcher::Full("hearth_consumer_handler_seconds".to_owned()),
             HANDLER_BUCKETS,
         )
         .map_err(|e| TelemetryError::Install(e.to_string()))?
         .install_recorder()
-        .map_err(|e| TelemetryError::Install(e.to_string()))
+        .map_err(|e| TelemetryError::Install(e.to_string()))?;
+    // The recorder keeps every histogram sample until upkeep (or a scrape)
+    // folds them into buckets: without it, rules nobody scrapes would grow
+    // by one sample per event handled, for ever.
+    let upkeep = handle.clone();
+    std::thread::Builder::new()
+        .name("metrics-upkeep".to_owned())
+        .spawn(move || loop {
+            std::thread::sleep(std::time::Duration::from_secs(5));
+            upkeep.run_upkeep();
+        })
+        .map_err(|e| TelemetryError::Install(format!("cannot start the metrics upkeep: {e}")))?;
+    Ok(handle)
 }
 
 #[derive(Clone)]

@@ -64,14 +64,36 @@ static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
 pub fn install() -> Result<PrometheusHandle, String> {
     HANDLE
         .get_or_init(|| {
-            PrometheusBuilder::new()
+            let handle = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Full(STORE_SECONDS.to_owned()), STORE_BUCKETS)
                 .map_err(|e| e.to_string())?
                 .install_recorder()
-                .map_err(|e| format!("cannot install the metrics recorder: {e}"))
+                .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
+            keep_up(&handle);
+            Ok(handle)
         })
         .clone()
 }
+
+/// Folds the histograms' recorded samples into their buckets every few
+/// seconds. The recorder keeps every sample until then (a scrape does it
+/// too): a gateway nobody scrapes would otherwise grow by one sample per
+/// stored publish, for ever.
+fn keep_up(handle: &PrometheusHandle) {
+    let handle = handle.clone();
+    let spawned = std::thread::Builder::new()
+        .name("metrics-upkeep".to_owned())
+        .spawn(move || loop {
+            std::thread::sleep(UPKEEP_EVERY);
+            handle.run_upkeep();
+        });
+    if let Err(error) = spawned {
+        tracing::warn!(%error, "cannot start the metrics upkeep; histograms drain only when scraped");
+    }
+}
+
+/// How often [`keep_up`] drains the histograms.
+pub const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The recorder's handle, when installed.
 pub(crate) fn handle() -> Option<&'static PrometheusHandle> {
