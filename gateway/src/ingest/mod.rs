@@ -189,7 +189,12 @@ pub(crate) struct Ingest {
     qos0_dropped: AtomicU64,
     qos0_dropped_logged_at: AtomicU64,
     health: StoreHealth,
+    /// `hearth_gateway_events_total` by convention and kind: registering a
+    /// labelled counter allocates its labels, so each is registered once.
+    event_counters: std::sync::RwLock<EventCounters>,
 }
+
+type EventCounters = std::collections::HashMap<(&'static str, &'static str), metrics::Counter>;
 
 /// Whether storing works: failures are logged when they start, every 10 s
 /// while they last (not once per publish: a full stream fails every
@@ -252,7 +257,25 @@ impl Ingest {
             qos0_dropped: AtomicU64::new(0),
             qos0_dropped_logged_at: AtomicU64::new(0),
             health: StoreHealth::default(),
+            event_counters: std::sync::RwLock::default(),
         }
+    }
+
+    /// Counts one event of `kind` decoded by `convention`.
+    fn count_event(&self, convention: &'static str, kind: &'static str) {
+        let known = self
+            .event_counters
+            .read()
+            .ok()
+            .and_then(|counters| counters.get(&(convention, kind)).cloned());
+        let counter = known.unwrap_or_else(|| {
+            let counter = metrics::counter!(crate::telemetry::EVENTS, "convention" => convention, "kind" => kind);
+            if let Ok(mut counters) = self.event_counters.write() {
+                counters.insert((convention, kind), counter.clone());
+            }
+            counter
+        });
+        counter.increment(1);
     }
 
     /// A publish could not be stored (it is retried, or dropped at QoS 0).
@@ -359,8 +382,7 @@ impl Ingest {
                 .into_iter()
                 .map(|reading| {
                     let kind = reading.body.kind();
-                    metrics::counter!(crate::telemetry::EVENTS, "convention" => convention, "kind" => kind)
-                        .increment(1);
+                    self.count_event(convention, kind);
                     self.event(&received, convention, &correlation_id, reading)
                 })
                 .collect(),
