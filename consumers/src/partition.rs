@@ -85,10 +85,21 @@ impl Partition {
 
     /// The durable consumer name of rule `name` in this partition.
     pub fn durable(self, name: &str) -> String {
+        format!("{name}{}", self.suffix())
+    }
+
+    /// The rule's name of `durable`, this partition's consumer of it.
+    pub fn rule_of(self, durable: &str) -> &str {
+        durable.strip_suffix(&self.suffix()).unwrap_or(durable)
+    }
+
+    /// What [`Partition::durable`] appends: nothing for the whole,
+    /// `-<I>of<N>` otherwise.
+    fn suffix(self) -> String {
         if self.count == 1 {
-            name.to_owned()
+            String::new()
         } else {
-            format!("{name}-{}of{}", self.index + 1, self.count)
+            format!("-{}of{}", self.index + 1, self.count)
         }
     }
 
@@ -202,6 +213,8 @@ mod tests {
         assert_eq!(p.to_string(), "2/3");
         assert_eq!(p.durable("hearth-lights"), "hearth-lights-2of3");
         assert_eq!(Partition::WHOLE.durable("hearth-lights"), "hearth-lights");
+        assert_eq!(p.rule_of("hearth-lights-2of3"), "hearth-lights");
+        assert_eq!(Partition::WHOLE.rule_of("hearth-lights"), "hearth-lights");
         for bad in ["0/2", "3/2", "1/0", "x", "1-2", "1/2000"] {
             assert!(bad.parse::<Partition>().is_err(), "{bad}");
         }

@@ -347,10 +347,7 @@ async fn resume_from(stream: &jetstream::stream::Stream, spec: &Spec) -> Option<
     {
         return None;
     }
-    let base = spec
-        .name
-        .strip_suffix(&format!("-{}", spec.partition).replace('/', "of"))
-        .unwrap_or(&spec.name);
+    let base = spec.partition.rule_of(&spec.name);
     let mut names = stream.consumer_names();
     let mut furthest: Option<(u64, String)> = None;
     let mut others = Vec::new();

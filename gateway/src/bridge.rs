@@ -98,6 +98,10 @@ pub(crate) struct Bridge {
     pipeline: tokio::task::JoinHandle<()>,
     stop_pipeline: CancellationToken,
     forward: (crate::broker::Mailbox, mpsc::Receiver<Delivery>),
+    /// The client id, as the pipeline's publishes carry it.
+    client_id: Arc<str>,
+    /// `bridge{broker, client_id}`, for the pipeline and the bridge's own logs.
+    span: tracing::Span,
 }
 
 impl Bridge {
@@ -119,10 +123,10 @@ impl Bridge {
             Arc::clone(&ingest),
             config.max_inflight,
             stop_pipeline.clone(),
-            span,
+            span.clone(),
         )
         .await?;
-        let (mut mailbox, deliveries) = router.mailbox(client_id, false);
+        let (mut mailbox, deliveries) = router.mailbox(Arc::clone(&client_id), false);
         for filter in &config.forward {
             mailbox
                 .subscribe(filter, QoS::AtLeastOnce)
@@ -141,12 +145,14 @@ impl Bridge {
             pipeline,
             stop_pipeline,
             forward: (mailbox, deliveries),
+            client_id,
+            span,
         })
     }
 
     /// Runs until the gateway stops.
     pub(crate) async fn run(self) {
-        let span = info_span!("bridge", broker = %format!("{}:{}", self.broker.0, self.broker.1), client_id = %self.config.client_id);
+        let span = self.span.clone();
         self.serve().instrument(span).await;
     }
 
@@ -176,7 +182,6 @@ impl Bridge {
         let poller = tokio::spawn(
             poll(eventloop, events_tx, self.shutdown.clone()).instrument(tracing::Span::current()),
         );
-        let client_id: Arc<str> = Arc::from(self.config.client_id.as_str());
         // Which connection each publish in the pipeline came on, in order.
         let mut came_on: VecDeque<u64> = VecDeque::new();
         let mut connection = 0u64;
@@ -198,9 +203,7 @@ impl Bridge {
                     };
                     let on = came_on.pop_front();
                     if settled.qos != QoS::AtMostOnce && on == Some(connection) && connected {
-                        let mut ack = Publish::from_bytes(settled.topic, settled.qos, bytes::Bytes::new());
-                        ack.pkid = settled.pkid;
-                        unsent_acks.push_back(ack);
+                        unsent_acks.push_back(ack_of(settled));
                         send_acks(&client, &mut unsent_acks);
                     }
                 }
@@ -240,7 +243,7 @@ impl Bridge {
                             metrics::gauge!(CONNECTED).set(0.0);
                         }
                         Some(FromBroker::Publish(publish)) => {
-                            waiting = self.received(publish, &client_id, fresh_subscription, &client, &mut unsent_acks);
+                            waiting = self.received(publish, fresh_subscription, &client, &mut unsent_acks);
                         }
                     }
                 }
@@ -261,7 +264,6 @@ impl Bridge {
     fn received(
         &self,
         publish: Publish,
-        client_id: &Arc<str>,
         fresh_subscription: bool,
         client: &AsyncClient,
         unsent_acks: &mut VecDeque<Publish>,
@@ -286,7 +288,7 @@ impl Bridge {
         metrics::counter!(RECEIVED, "outcome" => "stored").increment(1);
         Some(Received {
             budget: None,
-            client_id: Arc::clone(client_id),
+            client_id: Arc::clone(&self.client_id),
             topic: publish.topic,
             payload: publish.payload,
             qos: publish.qos,
@@ -346,11 +348,8 @@ impl Bridge {
                     && came_on.pop_front() == Some(connection)
                     && connected
                 {
-                    let mut ack =
-                        Publish::from_bytes(settled.topic, settled.qos, bytes::Bytes::new());
-                    ack.pkid = settled.pkid;
                     // Waiting is fine now: nothing else needs the loop.
-                    let _ = client.ack(&ack).await;
+                    let _ = client.ack(&ack_of(settled)).await;
                 }
             }
         })
@@ -368,6 +367,14 @@ impl Bridge {
         let _ = client.disconnect().await;
         metrics::gauge!(CONNECTED).set(0.0);
     }
+}
+
+/// What acknowledges `settled` to the broker: rumqttc's PUBACK needs only
+/// the packet id and QoS of the publish.
+fn ack_of(settled: Done) -> Publish {
+    let mut ack = Publish::from_bytes(settled.topic, settled.qos, bytes::Bytes::new());
+    ack.pkid = settled.pkid;
+    ack
 }
 
 /// Hands waiting acknowledgements to the broker connection without waiting;

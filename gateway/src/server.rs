@@ -323,7 +323,7 @@ async fn ensure_streams(
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
-            Err(source) if source.to_string().contains("10047") => {
+            Err(source) if exceeds_storage(&source) => {
                 let storage = &config.storage;
                 return Err(GatewayError::StorageTooSmall {
                     url: url.to_owned(),
@@ -343,4 +343,17 @@ async fn ensure_streams(
             }
         }
     }
+}
+
+/// Whether the server refused a stream because its limits exceed the
+/// storage JetStream may reserve (`max_file_store`, the account's limit).
+fn exceeds_storage(error: &streams::StreamsError) -> bool {
+    use async_nats::jetstream::context::CreateStreamErrorKind as Kind;
+    use async_nats::jetstream::ErrorCode;
+    matches!(
+        error,
+        streams::StreamsError::Stream { source, .. }
+            if matches!(source.kind(), Kind::JetStream(error)
+                if error.error_code() == ErrorCode::STORAGE_RESOURCES_EXCEEDED)
+    )
 }

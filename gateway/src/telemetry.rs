@@ -93,7 +93,7 @@ fn keep_up(handle: &PrometheusHandle) {
 }
 
 /// How often [`keep_up`] drains the histograms.
-pub const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The recorder's handle, when installed.
 pub(crate) fn handle() -> Option<&'static PrometheusHandle> {

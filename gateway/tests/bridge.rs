@@ -8,7 +8,6 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -17,7 +16,7 @@ use hearth_proto::v1::{self, command};
 use hearth_proto::Encoding;
 use hearth_test_support::TestMosquitto;
 use rumqttc::QoS;
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 /// A client of the broker that counts what the broker acknowledged (the
 /// devices' side of the bridge).
@@ -219,17 +218,7 @@ const READINGS: u64 = 3000;
 
 fn spawn_gateway(nats: &TestNats, broker: &TestMosquitto, data: &std::path::Path) -> Child {
     let mqtt = SocketAddr::from(([127, 0, 0, 1], hearth_test_support::free_port()));
-    Command::new(env!("CARGO_BIN_EXE_hearth-gateway"))
-        .args(["--nats-url", &nats.url(), "--bridge-url", &broker.url()])
-        .args(["--mqtt-listen", &mqtt.to_string()])
-        .args(["--http-listen", "127.0.0.1:0", "--allow-anonymous"])
-        .arg("--data-dir")
-        .arg(data)
-        .env("HEARTH_LOG", "warn")
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("run hearth-gateway")
+    common::spawn_gateway_binary(&nats.url(), mqtt, data, &["--bridge-url", &broker.url()])
 }
 
 #[tokio::test]

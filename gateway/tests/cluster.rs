@@ -22,17 +22,16 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::pull, stream};
-use common::meters::{self, count, lux, Acked};
+use common::meters::{self, count, Acked};
 use common::{header, stored};
 use futures::StreamExt;
 use hearth_test_support::TestCluster;
 use tokio::net::TcpStream;
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio::time::Instant;
 
 const NODES: usize = 3;
@@ -155,27 +154,7 @@ async fn killing_the_stream_leader_of_a_three_node_cluster_loses_no_acknowledged
 
     // Every acknowledged reading stored, exactly once.
     let messages = stored(&js, EVENTS).await;
-    let mut stored_values: BTreeMap<u64, u32> = BTreeMap::new();
-    for message in &messages {
-        *stored_values.entry(lux(message)).or_default() += 1;
-    }
-    let twice: Vec<_> = stored_values.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(twice.is_empty(), "stored twice: {twice:?}");
-    for (device, values) in acked.lock().unwrap().iter() {
-        let missing: Vec<_> = values
-            .iter()
-            .filter(|value| !stored_values.contains_key(value))
-            .collect();
-        assert!(
-            missing.is_empty(),
-            "meter-{device}: acknowledged, not stored: {missing:?}"
-        );
-    }
-    assert_eq!(
-        stored_values.len() as u64,
-        DEVICES * EACH,
-        "every reading, once"
-    );
+    meters::assert_each_acknowledged_stored_once(&messages, &acked, DEVICES * EACH, EVENTS);
 
     // The consumer received every stored reading, as stored, and its state
     // says that it acknowledged them all.
@@ -234,21 +213,7 @@ async fn killing_the_stream_leader_of_a_three_node_cluster_loses_no_acknowledged
 }
 
 fn spawn_gateway(nats_url: &str, mqtt: SocketAddr, data: &std::path::Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_hearth-gateway"))
-        .args(["--nats-url", nats_url, "--replicas", "3"])
-        .args(["--mqtt-listen", &mqtt.to_string()])
-        .args([
-            "--http-listen",
-            "127.0.0.1:0",
-            "--allow-anonymous",
-            "--data-dir",
-        ])
-        .arg(data)
-        .env("HEARTH_LOG", "warn")
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("run hearth-gateway")
+    common::spawn_gateway_binary(nats_url, mqtt, data, &["--replicas", "3"])
 }
 
 /// Waits until the gateway listens for MQTT, i.e. has made its R3 streams.

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, message::StreamMessage};
-use common::meters::{self, count, lux, Acked};
+use common::meters::{self, count, Acked};
 use common::{gateway, header, stored, TestNats, PROMPTLY};
 use hearth_test_support::free_port;
 use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
@@ -153,23 +153,7 @@ async fn a_hub_that_was_down_catches_up_with_every_acknowledged_reading_exactly_
 
     // Every acknowledged reading at the hub, exactly once.
     let at_hub = stored(&hub_js, &hub_stream).await;
-    let mut values: BTreeMap<u64, u32> = BTreeMap::new();
-    for message in &at_hub {
-        *values.entry(lux(message)).or_default() += 1;
-    }
-    let twice: Vec<_> = values.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(twice.is_empty(), "at the hub twice: {twice:?}");
-    for (device, readings) in acked.lock().unwrap().iter() {
-        let missing: Vec<_> = readings
-            .iter()
-            .filter(|value| !values.contains_key(value))
-            .collect();
-        assert!(
-            missing.is_empty(),
-            "meter-{device}: acknowledged, not at the hub: {missing:?}"
-        );
-    }
-    assert_eq!(values.len() as u64, DEVICES * EACH, "every reading, once");
+    meters::assert_each_acknowledged_stored_once(&at_hub, &acked, DEVICES * EACH, "the hub");
 
     // The same messages as at home: message ids and event ids.
     let ids = |messages: &[StreamMessage]| -> BTreeMap<String, String> {

@@ -6,39 +6,19 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::meters::{self, count, Acked};
-use common::{jetstream, json, stored, TestNats};
-use tokio::process::{Child, Command};
+use common::{jetstream, stored, TestNats};
+use tokio::process::Child;
 
 const DEVICES: u64 = 10;
 const EACH: u64 = 300;
 
 fn spawn_gateway(nats: &TestNats, mqtt: SocketAddr, data: &std::path::Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_hearth-gateway"))
-        .args([
-            "--nats-url",
-            &nats.url(),
-            "--mqtt-listen",
-            &mqtt.to_string(),
-        ])
-        .args([
-            "--http-listen",
-            "127.0.0.1:0",
-            "--allow-anonymous",
-            "--data-dir",
-        ])
-        .arg(data)
-        .env("HEARTH_LOG", "warn")
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("run hearth-gateway")
+    common::spawn_gateway_binary(&nats.url(), mqtt, data, &[])
 }
 
 async fn wait_for_listener(mqtt: SocketAddr) {
@@ -93,29 +73,11 @@ async fn a_gateway_killed_mid_stream_loses_no_acknowledged_reading_and_stores_no
     }
 
     let js = jetstream(&nats).await;
-    let mut stored_values: BTreeMap<u64, u32> = BTreeMap::new();
-    for message in stored(&js, "HEARTH_EVENTS").await {
-        let value = json(&message)["illuminance"]["lux"]
-            .as_f64()
-            .expect("a reading") as u64;
-        *stored_values.entry(value).or_default() += 1;
-    }
-    let twice: Vec<_> = stored_values.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(twice.is_empty(), "stored twice: {twice:?}");
-    for (device, values) in acked.lock().unwrap().iter() {
-        let missing: Vec<_> = values
-            .iter()
-            .filter(|value| !stored_values.contains_key(value))
-            .collect();
-        assert!(
-            missing.is_empty(),
-            "meter-{device}: acknowledged, not stored: {missing:?}"
-        );
-    }
-    assert_eq!(
-        stored_values.len() as u64,
+    meters::assert_each_acknowledged_stored_once(
+        &stored(&js, "HEARTH_EVENTS").await,
+        &acked,
         DEVICES * EACH,
-        "every reading, once"
+        "HEARTH_EVENTS",
     );
     gateway.kill().await.unwrap();
 }

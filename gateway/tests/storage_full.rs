@@ -197,3 +197,22 @@ async fn a_full_stream_holds_the_acknowledgements_says_why_and_recovers_when_the
         .contains("storing in JetStream works again"));
     gateway.kill().await.unwrap();
 }
+
+#[tokio::test]
+async fn stream_limits_the_server_cannot_reserve_are_refused_at_start_with_the_sizes() {
+    let nats =
+        TestNats::start_with(|config| config.jetstream_max_file = Some(8 * 1024 * 1024)).await;
+    let mut config = hearth_gateway::config::Config::default();
+    config.auth.allow_anonymous = true;
+    config.nats.url = Some(nats.url());
+    config.mqtt.listen = "127.0.0.1:0".parse().unwrap();
+    config.http.listen = "127.0.0.1:0".parse().unwrap();
+    let error = hearth_gateway::Gateway::start(config)
+        .await
+        .expect_err("1.4 GiB of streams on an 8 MiB store")
+        .to_string();
+    assert!(
+        error.contains("cannot reserve the streams' storage") && error.contains("1.4 GiB"),
+        "{error}"
+    );
+}

@@ -143,3 +143,30 @@ pub fn spawn(
         }
     })
 }
+
+/// Checks that `messages` (a stream's, in `place`) hold every reading the
+/// meters had acknowledged, none twice, `total` readings in all.
+pub fn assert_each_acknowledged_stored_once(
+    messages: &[StreamMessage],
+    acked: &Acked,
+    total: u64,
+    place: &str,
+) {
+    let mut stored: BTreeMap<u64, u32> = BTreeMap::new();
+    for message in messages {
+        *stored.entry(lux(message)).or_default() += 1;
+    }
+    let twice: Vec<_> = stored.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "{place}: stored twice: {twice:?}");
+    for (meter, values) in acked.lock().unwrap().iter() {
+        let missing: Vec<_> = values
+            .iter()
+            .filter(|value| !stored.contains_key(value))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "meter-{meter}: acknowledged, not in {place}: {missing:?}"
+        );
+    }
+    assert_eq!(stored.len() as u64, total, "{place}: every reading, once");
+}

@@ -34,6 +34,29 @@ pub async fn gateway(nats: &TestNats, adjust: impl FnOnce(&mut Config)) -> Gatew
     Gateway::start(config).await.expect("gateway starts")
 }
 
+/// The real `hearth-gateway` binary, anonymous clients allowed, storing
+/// into `nats_url`, MQTT on `mqtt`, HTTP on a free port, its data in
+/// `data`, then `extra` options; warnings only in its log. Killed when
+/// dropped (or by the test, e.g. mid-stream).
+pub fn spawn_gateway_binary(
+    nats_url: &str,
+    mqtt: SocketAddr,
+    data: &std::path::Path,
+    extra: &[&str],
+) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_hearth-gateway"))
+        .args(["--nats-url", nats_url, "--mqtt-listen", &mqtt.to_string()])
+        .args(["--http-listen", "127.0.0.1:0", "--allow-anonymous"])
+        .arg("--data-dir")
+        .arg(data)
+        .args(extra)
+        .env("HEARTH_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run hearth-gateway")
+}
+
 pub async fn jetstream(nats: &TestNats) -> jetstream::Context {
     jetstream::new(
         async_nats::connect(nats.url())
