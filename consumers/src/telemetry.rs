@@ -45,6 +45,8 @@ use crate::runtime::EVENTS_STREAM;
 pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9883);
 /// How often the consumers' lag is read.
 pub const LAG_EVERY: Duration = Duration::from_secs(5);
+/// How long /readyz waits for JetStream to say the events stream is there.
+const READY_WAIT: Duration = Duration::from_secs(2);
 
 /// Handler times: 50 µs to 10 s.
 const HANDLER_BUCKETS: &[f64] = &[
@@ -135,11 +137,17 @@ async fn ready(State(served): State<Served>) -> (StatusCode, String) {
             format!("not ready: NATS is {state}\n"),
         );
     }
-    match served.js.get_stream(EVENTS_STREAM).await {
-        Ok(_) => (StatusCode::OK, "ready\n".to_owned()),
-        Err(error) => (
+    // A probe answers promptly: NATS's own request timeout is 10 s, and a
+    // connection that has just died still reads as connected.
+    match tokio::time::timeout(READY_WAIT, served.js.get_stream(EVENTS_STREAM)).await {
+        Ok(Ok(_)) => (StatusCode::OK, "ready\n".to_owned()),
+        Ok(Err(error)) => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not ready: stream {EVENTS_STREAM}: {error}\n"),
+        ),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: NATS did not answer within {READY_WAIT:?}\n"),
         ),
     }
 }

@@ -5,6 +5,7 @@
 //! `telemetry`).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::State as Extract;
 use axum::http::StatusCode;
@@ -17,6 +18,9 @@ use tracing::warn;
 
 use crate::jetstream::streams::EVENTS_STREAM;
 use crate::mqtt::Shared;
+
+/// How long /readyz waits for JetStream to say the events stream is there.
+const READY_WAIT: Duration = Duration::from_secs(2);
 
 #[derive(Clone)]
 pub(crate) struct State {
@@ -82,11 +86,17 @@ async fn readyz(Extract(state): Extract<State>) -> (StatusCode, String) {
         );
     }
     let js = async_nats::jetstream::new(state.nats.clone());
-    match js.get_stream(EVENTS_STREAM).await {
-        Ok(_) => (StatusCode::OK, "ready\n".to_owned()),
-        Err(error) => (
+    // A probe answers promptly: NATS's own request timeout is 10 s, and a
+    // connection that has just died still reads as connected.
+    match tokio::time::timeout(READY_WAIT, js.get_stream(EVENTS_STREAM)).await {
+        Ok(Ok(_)) => (StatusCode::OK, "ready\n".to_owned()),
+        Ok(Err(error)) => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not ready: stream {EVENTS_STREAM}: {error}\n"),
+        ),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: NATS did not answer within {READY_WAIT:?}\n"),
         ),
     }
 }
