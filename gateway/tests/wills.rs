@@ -271,14 +271,11 @@ async fn a_connection_abandoned_before_its_connack_leaves_a_will_of_its_own() {
 }
 
 /// A device's second (identical) will goes to a persistent session that
-/// subscribed after the first: its copy is queued once. Fails today: the
-/// will's events are duplicates of the first will's, so the store pipeline
-/// moves the whole publish to generation 1 and publishes every message
-/// again (`ingest/pipeline.rs`, `settle_front`), also the session's copy
-/// that generation 0 had just queued, so the session gets the will twice.
-/// The same happens to any repeated identical publish under one packet id.
+/// subscribed after the first: its copy is queued once. The will's events
+/// are duplicates of the first will's, so the store pipeline moves the
+/// publish to generation 1 (`ingest/pipeline.rs`); the session's copy must
+/// be queued under that generation only, not under 0 as well.
 #[tokio::test]
-#[ignore = "a repeated publish is queued twice for a session subscribed since (ingest pipeline)"]
 async fn a_repeated_will_is_queued_once_for_a_session_subscribed_since_the_first() {
     let nats = TestNats::start().await;
     let gateway = gateway(&nats, |_| {}).await;

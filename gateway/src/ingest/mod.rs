@@ -87,6 +87,12 @@ struct Outgoing {
     meta: Meta,
 }
 
+impl Outgoing {
+    fn is_queued(&self) -> bool {
+        matches!(self.meta, Meta::Queued { .. })
+    }
+}
+
 /// A publish turned into the messages that store it.
 #[derive(Debug)]
 struct Prepared {

@@ -11,6 +11,14 @@
 //! the message: an error reply after a back-off, a missing reply after
 //! [`ACK_TIMEOUT`]. A late reply to an earlier attempt still counts, since
 //! the ids make every attempt the same message.
+//!
+//! A new QoS 1 publish that is both stored as events (or a dead letter, or
+//! a retained copy) and queued for persistent sessions is stored in two
+//! steps: the queued copies only once the others said which generation of
+//! its ids it has (see `jetstream::dedup`). The events are what tells a
+//! repeat of an older identical publish; a session subscribed since that
+//! one has no earlier copy, so its copy stored under the old generation and
+//! again under the new one would reach it twice.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -24,7 +32,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, warn, Instrument};
 
-use super::{Done, Ingest, Prepared, Received};
+use super::{Done, Ingest, Outgoing, Prepared, Received};
 
 /// How long a publish may wait for JetStream's reply before it is sent
 /// again (under the same id, so at most one copy is stored).
@@ -99,8 +107,11 @@ struct Entry {
     prepared: Prepared,
     generation: u32,
     acks: Vec<Option<Ack>>,
-    /// Messages still without a reply.
+    /// Messages published and still without a reply.
     missing: usize,
+    /// Messages `..released` are published; the rest (the copies queued for
+    /// sessions) wait until the generation is known.
+    released: usize,
     /// When the messages without a reply are published again.
     deadline: Instant,
     backoff: Duration,
@@ -220,7 +231,11 @@ impl Pipeline {
                 biased;
                 () = stop.cancelled() => return,
                 reply = self.replies.next() => match reply {
-                    Some(reply) => self.record(&reply),
+                    Some(reply) => {
+                        if let Some(position) = self.record(&reply) {
+                            self.release(position).await;
+                        }
+                    }
                     None => {
                         warn!("the NATS client closed; the store pipeline stops");
                         return;
@@ -258,12 +273,18 @@ impl Pipeline {
             }
         }
         let count = prepared.messages.len();
+        // A retransmission's generation is known already, and QoS 0 has none.
+        let released = match prepared.messages.iter().position(Outgoing::is_queued) {
+            Some(first) if first > 0 && prepared.dedup.is_some() && !prepared.dup => first,
+            _ => count,
+        };
         let mut entry = Entry {
             id: self.next_id,
             prepared,
             generation,
             acks: (0..count).map(|_| None).collect(),
-            missing: count,
+            missing: released,
+            released,
             deadline: Instant::now() + ACK_TIMEOUT,
             backoff: RETRY_MIN,
         };
@@ -272,10 +293,10 @@ impl Pipeline {
         self.queue.push_back(entry);
     }
 
-    /// Publishes every message of `entry` that has no reply yet.
+    /// Publishes every released message of `entry` that has no reply yet.
     async fn publish(&self, entry: &mut Entry) {
         let encoding = self.ingest.encoding;
-        for index in 0..entry.acks.len() {
+        for index in 0..entry.released {
             if entry.acks[index].is_some() {
                 continue;
             }
@@ -308,36 +329,53 @@ impl Pipeline {
 
     /// Files a reply under its entry and message. Replies to an earlier
     /// generation of an entry are ignored: they answer a message id the
-    /// entry has moved on from.
-    fn record(&mut self, reply: &async_nats::Message) {
-        let Some((id, generation, index)) = reply
+    /// entry has moved on from. Returns the position of an entry whose held
+    /// copies can go now: everything else of it was stored afresh, so its
+    /// generation stands.
+    fn record(&mut self, reply: &async_nats::Message) -> Option<usize> {
+        let (id, generation, index) = reply
             .subject
             .as_str()
             .strip_prefix(self.inbox.as_str())
             .and_then(|rest| rest.strip_prefix('.'))
-            .and_then(parse_reply_token)
-        else {
-            return;
-        };
-        let Some(front) = self.queue.front().map(|entry| entry.id) else {
-            return;
-        };
+            .and_then(parse_reply_token)?;
+        let front = self.queue.front().map(|entry| entry.id)?;
         // Replies for entries already settled (a late reply to an earlier
         // attempt) fall outside the queue and are ignored.
-        let Some(entry) = id
-            .checked_sub(front)
-            .and_then(|position| usize::try_from(position).ok())
-            .and_then(|position| self.queue.get_mut(position))
-        else {
-            return;
-        };
-        if entry.generation != generation {
-            return;
+        let position = usize::try_from(id.checked_sub(front)?).ok()?;
+        let entry = self.queue.get_mut(position)?;
+        if entry.generation != generation || index >= entry.released {
+            return None;
         }
         if let Some(slot @ None) = entry.acks.get_mut(index) {
             *slot = Some(Ack::parse(reply));
             entry.missing -= 1;
         }
+        // A failure or a duplicate is for `settle_front` to decide.
+        let fresh = |ack: &Option<Ack>| {
+            matches!(
+                ack,
+                Some(Ack::Stored {
+                    duplicate_in: None,
+                    ..
+                })
+            )
+        };
+        (entry.missing == 0
+            && entry.released < entry.acks.len()
+            && entry.acks[..entry.released].iter().all(fresh))
+        .then_some(position)
+    }
+
+    /// Publishes the held copies of the entry at `position`.
+    async fn release(&mut self, position: usize) {
+        let mut queue = std::mem::take(&mut self.queue);
+        if let Some(entry) = queue.get_mut(position) {
+            entry.missing += entry.acks.len() - entry.released;
+            entry.released = entry.acks.len();
+            self.publish(entry).await;
+        }
+        self.queue = queue;
     }
 
     /// Decides the front entry, all of whose messages have a reply.
@@ -401,10 +439,12 @@ impl Pipeline {
         let (Some((stream, sequence)), Some(key), false) =
             (duplicate, &entry.prepared.dedup, entry.prepared.dup)
         else {
-            return Settle::Done;
+            return self.settled_or_release().await;
         };
         match stored_correlation_id(&ingest, &stream, sequence).await {
-            Ok(Some(id)) if id == entry.prepared.correlation_id => return Settle::Done,
+            Ok(Some(id)) if id == entry.prepared.correlation_id => {
+                return self.settled_or_release().await
+            }
             // Another publish's message, or one already gone from the stream
             // (which this attempt's could not be: it was just acknowledged).
             Ok(_) => {
@@ -436,9 +476,8 @@ impl Pipeline {
                 entry.backoff = pause(entry.backoff).await;
             }
         }
-        let count = entry.acks.len();
         entry.acks.iter_mut().for_each(|ack| *ack = None);
-        entry.missing = count;
+        entry.missing = entry.released;
         // Re-borrow through `self` for publishing.
         let mut entry = match self.queue.pop_front() {
             Some(entry) => entry,
@@ -447,6 +486,18 @@ impl Pipeline {
         self.publish(&mut entry).await;
         self.queue.push_front(entry);
         Settle::Again
+    }
+
+    /// The front entry, stored under its final generation, is done, or has
+    /// its held copies to publish first.
+    async fn settled_or_release(&mut self) -> Settle {
+        match self.queue.front() {
+            Some(entry) if entry.released < entry.acks.len() => {
+                self.release(0).await;
+                Settle::Again
+            }
+            _ => Settle::Done,
+        }
     }
 
     /// Publishes again whatever has waited past its deadline.
