@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::broker::{Delivery, Router};
-use crate::config::BridgeConfig;
+use crate::config::{BridgeConfig, Broker};
 use crate::ingest::{Done, Ingest, Pipeline, Received};
 
 /// The bridge's connection state, 1 when connected to the broker.
@@ -58,6 +58,18 @@ pub enum BridgeError {
     Pipeline(#[from] async_nats::SubscribeError),
     #[error("cannot listen for the gateway's publishes to forward: {0}")]
     Forward(async_nats::Error),
+}
+
+/// The TLS client configuration for an `mqtts://` broker; `None` without
+/// TLS (or without a bridge).
+pub(crate) fn tls_config(
+    config: &BridgeConfig,
+) -> Result<Option<Arc<tokio_rustls::rustls::ClientConfig>>, crate::mqtt::tls::TlsError> {
+    if !matches!(config.broker(), Ok(Some(Broker { tls: true, .. }))) {
+        return Ok(None);
+    }
+    let client = config.tls_cert.as_deref().zip(config.tls_key.as_deref());
+    crate::mqtt::tls::client_config(config.tls_ca.as_deref(), client).map(Some)
 }
 
 /// Whether `filter` is an MQTT topic filter: not empty, `#` only as the
@@ -88,7 +100,8 @@ enum FromBroker {
 /// A bridge to one broker, ready to [`Bridge::run`].
 pub(crate) struct Bridge {
     config: BridgeConfig,
-    broker: (String, u16),
+    broker: Broker,
+    tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
     max_packet_size: usize,
     ingest: Arc<Ingest>,
     router: Arc<Router>,
@@ -110,14 +123,15 @@ impl Bridge {
     /// whenever it is lost.
     pub(crate) async fn start(
         config: BridgeConfig,
-        broker: (String, u16),
+        broker: Broker,
+        tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
         max_packet_size: usize,
         ingest: Arc<Ingest>,
         router: Arc<Router>,
         shutdown: CancellationToken,
     ) -> Result<Self, BridgeError> {
         let client_id: Arc<str> = Arc::from(config.client_id.as_str());
-        let span = info_span!("bridge", broker = %format!("{}:{}", broker.0, broker.1), client_id = %client_id);
+        let span = info_span!("bridge", broker = %broker, client_id = %client_id);
         let stop_pipeline = CancellationToken::new();
         let (jobs, done, pipeline) = Pipeline::spawn(
             Arc::clone(&ingest),
@@ -136,6 +150,7 @@ impl Bridge {
         Ok(Self {
             config,
             broker,
+            tls,
             max_packet_size,
             ingest,
             router,
@@ -157,8 +172,16 @@ impl Bridge {
     }
 
     fn options(&self) -> MqttOptions {
-        let (host, port) = &self.broker;
-        let mut options = MqttOptions::new(&self.config.client_id, host.as_str(), *port);
+        let mut options = MqttOptions::new(
+            &self.config.client_id,
+            self.broker.host.as_str(),
+            self.broker.port,
+        );
+        if let Some(tls) = &self.tls {
+            options.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(Arc::clone(tls)),
+            ));
+        }
         options
             .set_clean_session(false)
             .set_manual_acks(true)

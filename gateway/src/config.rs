@@ -34,9 +34,16 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BridgeConfig {
-    /// The broker, `mqtt://host[:port]` (port 1883 by default); absent: no
-    /// bridge.
+    /// The broker, `mqtt://host[:port]` (port 1883 by default) or
+    /// `mqtts://host[:port]` for TLS (port 8883); absent: no bridge.
     pub url: Option<String>,
+    /// CA certificates (PEM) that verify the broker's certificate with
+    /// `mqtts://`; absent: the system's trusted roots.
+    pub tls_ca: Option<PathBuf>,
+    /// A client certificate (PEM, with `tls_key`) for a broker that asks
+    /// for one.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
     /// The bridge's client id. Its persistent session on the broker keeps
     /// what arrives while the gateway is away, so it must stay the same
     /// across restarts and be unique on the broker.
@@ -62,6 +69,9 @@ impl Default for BridgeConfig {
     fn default() -> Self {
         Self {
             url: None,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
             client_id: "hearth-bridge".to_owned(),
             username: None,
             password: None,
@@ -77,9 +87,29 @@ impl Default for BridgeConfig {
     }
 }
 
+/// Where the bridge connects, from `bridge.url`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Broker {
+    pub host: String,
+    pub port: u16,
+    /// `mqtts://`.
+    pub tls: bool,
+}
+
+impl std::fmt::Display for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let scheme = if self.tls { "mqtts" } else { "mqtt" };
+        if self.host.contains(':') {
+            write!(f, "{scheme}://[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{scheme}://{}:{}", self.host, self.port)
+        }
+    }
+}
+
 impl BridgeConfig {
-    /// The broker's host and port from `url`, checked.
-    pub fn broker(&self) -> Result<Option<(String, u16)>, ConfigError> {
+    /// The broker from `url`, checked.
+    pub fn broker(&self) -> Result<Option<Broker>, ConfigError> {
         let Some(url) = &self.url else {
             return Ok(None);
         };
@@ -87,21 +117,17 @@ impl BridgeConfig {
             key: "bridge.url",
             problem,
         };
-        let rest = match url.split_once("://") {
-            Some(("mqtt" | "tcp", rest)) => rest,
-            Some(("mqtts" | "ssl", _)) => {
-                return Err(invalid(format!(
-                    "is {url:?}: TLS to the broker is not supported yet; bridge to a plain \
-                     listener (on loopback or a trusted network)"
-                )))
-            }
+        let (tls, rest) = match url.split_once("://") {
+            Some(("mqtt" | "tcp", rest)) => (false, rest),
+            Some(("mqtts" | "ssl", rest)) => (true, rest),
             Some((scheme, _)) => {
                 return Err(invalid(format!(
-                    "is {url:?}: the scheme must be mqtt://, not {scheme}://"
+                    "is {url:?}: the scheme must be mqtt:// or mqtts://, not {scheme}://"
                 )))
             }
-            None => url.as_str(),
+            None => (false, url.as_str()),
         };
+        let default_port = if tls { 8883 } else { 1883 };
         let rest = rest.trim_end_matches('/');
         if rest.is_empty() || rest.contains(['/', '@', '?']) {
             return Err(invalid(format!(
@@ -115,7 +141,7 @@ impl BridgeConfig {
         };
         // An IPv6 address is bracketed: `[::1]:1883`.
         let (host, port) = match rest.strip_prefix('[').map(|inner| inner.split_once(']')) {
-            Some(Some((host, ""))) => (host, 1883),
+            Some(Some((host, ""))) => (host, default_port),
             Some(Some((host, after))) => match after.strip_prefix(':') {
                 Some(number) => (host, port(number)?),
                 None => return Err(invalid(format!("is {url:?}: expected [address]:port"))),
@@ -123,13 +149,17 @@ impl BridgeConfig {
             Some(None) => return Err(invalid(format!("is {url:?}: the ']' is missing"))),
             None => match rest.rsplit_once(':') {
                 Some((host, number)) => (host, port(number)?),
-                None => (rest, 1883),
+                None => (rest, default_port),
             },
         };
         if host.is_empty() {
             return Err(invalid(format!("is {url:?}: the host is missing")));
         }
-        Ok(Some((host.to_owned(), port)))
+        Ok(Some(Broker {
+            host: host.to_owned(),
+            port,
+            tls,
+        }))
     }
 }
 
@@ -472,6 +502,15 @@ pub struct Cli {
     /// Password on the broker.
     #[arg(long, env = "HEARTH_BRIDGE_PASSWORD", hide_env_values = true)]
     pub bridge_password: Option<String>,
+    /// CA certificate (PEM) that verifies an mqtts:// broker [default: the system's roots]
+    #[arg(long, env = "HEARTH_BRIDGE_TLS_CA", value_name = "FILE")]
+    pub bridge_tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for an mqtts:// broker that asks for one (with --bridge-tls-key).
+    #[arg(long, env = "HEARTH_BRIDGE_TLS_CERT", value_name = "FILE")]
+    pub bridge_tls_cert: Option<PathBuf>,
+    /// Its key (PEM).
+    #[arg(long, env = "HEARTH_BRIDGE_TLS_KEY", value_name = "FILE")]
+    pub bridge_tls_key: Option<PathBuf>,
 
     /// Log format: human or json.
     #[arg(long, env = "HEARTH_LOG_FORMAT", default_value = "human", value_parser = ["human", "json"])]
@@ -525,8 +564,23 @@ impl Config {
     fn validate_bridge(&self) -> Result<(), ConfigError> {
         let invalid = |key, problem: String| ConfigError::Invalid { key, problem };
         let bridge = &self.bridge;
-        if bridge.broker()?.is_none() {
+        let Some(broker) = bridge.broker()? else {
             return Ok(());
+        };
+        if bridge.tls_cert.is_some() != bridge.tls_key.is_some() {
+            return Err(invalid(
+                "bridge.tls_cert",
+                "and bridge.tls_key must be given together".into(),
+            ));
+        }
+        if !broker.tls && (bridge.tls_ca.is_some() || bridge.tls_cert.is_some()) {
+            return Err(invalid(
+                "bridge.url",
+                format!(
+                    "is {broker}, without TLS, while bridge.tls_ca or bridge.tls_cert is set: \
+                     use mqtts://"
+                ),
+            ));
         }
         if bridge.client_id.is_empty() || bridge.client_id.len() > 65_535 {
             return Err(invalid(
@@ -626,6 +680,9 @@ impl Config {
         set(&mut self.bridge.client_id, &cli.bridge_client_id);
         set_opt(&mut self.bridge.username, &cli.bridge_username);
         set_opt(&mut self.bridge.password, &cli.bridge_password);
+        set_opt(&mut self.bridge.tls_ca, &cli.bridge_tls_ca);
+        set_opt(&mut self.bridge.tls_cert, &cli.bridge_tls_cert);
+        set_opt(&mut self.bridge.tls_key, &cli.bridge_tls_key);
         if cli.allow_anonymous {
             self.auth.allow_anonymous = true;
         }
@@ -862,8 +919,8 @@ mod tests {
         config.auth.allow_anonymous = true;
         config.validate().unwrap();
         assert_eq!(
-            config.bridge.broker().unwrap(),
-            Some(("localhost".to_owned(), 1883))
+            config.bridge.broker().unwrap().unwrap().to_string(),
+            "mqtt://localhost:1883"
         );
         assert_eq!(config.bridge.topics, BridgeConfig::default().topics);
         assert_eq!(config.bridge.forward, BridgeConfig::default().forward);
@@ -884,18 +941,43 @@ mod tests {
             "no bridge by default"
         );
         let mut config = open();
+        let broker = |config: &Config| config.bridge.broker().unwrap().unwrap();
         config.bridge.url = Some("[::1]:1884".into());
         assert_eq!(
-            config.bridge.broker().unwrap(),
-            Some(("::1".to_owned(), 1884))
+            broker(&config),
+            Broker {
+                host: "::1".to_owned(),
+                port: 1884,
+                tls: false
+            }
         );
         config.bridge.url = Some("mqtt://[fe80::1]".into());
+        assert_eq!(broker(&config).to_string(), "mqtt://[fe80::1]:1883");
+        config.bridge.url = Some("mqtts://broker.lan".into());
         assert_eq!(
-            config.bridge.broker().unwrap(),
-            Some(("fe80::1".to_owned(), 1883))
+            broker(&config),
+            Broker {
+                host: "broker.lan".to_owned(),
+                port: 8883,
+                tls: true
+            }
         );
         config.bridge.url = Some("mqtt://broker.lan:".into());
         assert!(config.bridge.broker().is_err());
+        config.bridge.url = Some("ws://broker.lan".into());
+        let err = config.bridge.broker().unwrap_err().to_string();
+        assert!(err.contains("mqtt:// or mqtts://"), "{err}");
+        let err = bridged(|b| b.tls_ca = Some("ca.pem".into())).unwrap_err();
+        assert!(
+            err.contains("bridge.url") && err.contains("use mqtts://"),
+            "{err}"
+        );
+        let err = bridged(|b| {
+            b.url = Some("mqtts://broker.lan".into());
+            b.tls_cert = Some("client.pem".into());
+        })
+        .unwrap_err();
+        assert!(err.contains("bridge.tls_key"), "{err}");
         let err = bridged(|b| b.topics = vec!["a/#/b".into()]).unwrap_err();
         assert!(
             err.contains("bridge.topics") && err.contains("a/#/b"),

@@ -37,6 +37,8 @@ pub enum GatewayError {
     Bridge(#[from] crate::bridge::BridgeError),
     #[error("mqtt.tls: {0}")]
     Tls(#[from] crate::mqtt::tls::TlsError),
+    #[error("bridge TLS: {0}")]
+    BridgeTls(crate::mqtt::tls::TlsError),
     #[error("JetStream is not ready at {url}: {source} (is JetStream enabled on that server?)")]
     Streams {
         url: String,
@@ -92,6 +94,9 @@ pub struct Gateway {
 impl Gateway {
     /// Starts everything and returns once devices can connect.
     pub async fn start(config: Config) -> Result<Self, GatewayError> {
+        // Certificates are read first: a wrong path fails the start at once.
+        let bridge_tls =
+            crate::bridge::tls_config(&config.bridge).map_err(GatewayError::BridgeTls)?;
         let (nats_url, embedded) = match &config.nats.url {
             Some(url) => (url.clone(), None),
             None => {
@@ -209,6 +214,7 @@ impl Gateway {
             let bridge = crate::bridge::Bridge::start(
                 config.bridge.clone(),
                 broker,
+                bridge_tls,
                 config.mqtt.max_packet_size,
                 Arc::clone(&ingest),
                 Arc::clone(&shared.router),

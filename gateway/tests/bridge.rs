@@ -301,11 +301,7 @@ async fn a_bridge_killed_mid_stream_loses_nothing_the_broker_had_and_stores_noth
 #[test]
 fn a_bridge_url_that_cannot_work_is_refused_with_the_reason() {
     for (url, expected) in [
-        (
-            "mqtts://broker:8883",
-            "TLS to the broker is not supported yet",
-        ),
-        ("http://broker", "the scheme must be mqtt://"),
+        ("http://broker", "the scheme must be mqtt:// or mqtts://"),
         ("mqtt://broker:port", "is not a port number"),
         (
             "mqtt://user:secret@broker",
@@ -327,4 +323,95 @@ fn a_bridge_url_that_cannot_work_is_refused_with_the_reason() {
         assert!(!output.status.success(), "{url} accepted");
         assert!(stderr.contains(expected), "{url}: {stderr}");
     }
+}
+
+/// `mqtts://`: the bridge reaches the broker's TLS listener, verifying its
+/// certificate against `bridge.tls_ca`, and stores what devices publish
+/// there.
+#[tokio::test]
+async fn a_tls_broker_verified_by_its_ca_is_bridged() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = common::pki::pki(dir.path());
+    let broker = TestMosquitto::start_tls(&pki.server_cert, &pki.server_key).await;
+    assert!(broker.url().starts_with("mqtts://"), "{}", broker.url());
+    let nats = TestNats::start().await;
+    let js = jetstream(&nats).await;
+    let url = broker.url();
+    let ca = pki.ca.clone();
+    let gateway = gateway(&nats, |config| {
+        config.bridge.url = Some(url);
+        config.bridge.tls_ca = Some(ca);
+    })
+    .await;
+    // Devices publish on the broker's plain listener; the bridge is
+    // subscribed on its TLS one.
+    wait_until_bridged(&js, &broker).await;
+    gateway.shutdown().await;
+}
+
+/// A broker whose certificate the bridge cannot verify is not bridged:
+/// nothing from it is stored.
+#[tokio::test]
+async fn a_broker_with_an_untrusted_certificate_is_not_bridged() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker_pki = common::pki::pki(&dir.path().join("broker"));
+    let other = common::pki::pki(&dir.path().join("other"));
+    let broker = TestMosquitto::start_tls(&broker_pki.server_cert, &broker_pki.server_key).await;
+    let nats = TestNats::start().await;
+    let js = jetstream(&nats).await;
+    let url = broker.url();
+    let ca = other.ca.clone();
+    let gateway = gateway(&nats, |config| {
+        config.bridge.url = Some(url);
+        config.bridge.tls_ca = Some(ca);
+    })
+    .await;
+    let (probe, mut acks, task) = broker_client(&broker, "probe");
+    for _ in 0..10 {
+        probe
+            .publish(
+                "hearth/home/lab/probe/motion",
+                QoS::AtLeastOnce,
+                false,
+                r#"{"detected":true}"#,
+            )
+            .await
+            .unwrap();
+        tokio::time::timeout(PROMPTLY, acks.recv())
+            .await
+            .expect("the broker acknowledges")
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let stored = stored(&js, "HEARTH_EVENTS").await;
+    assert!(
+        stored.is_empty(),
+        "stored from a broker the bridge cannot verify: {stored:?}"
+    );
+    task.abort();
+    gateway.shutdown().await;
+}
+
+/// A CA file that cannot be read stops the start with its path, before
+/// anything else is tried.
+#[test]
+fn a_missing_bridge_ca_file_is_a_clear_error() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_hearth-gateway"))
+        .args([
+            "--bridge-url",
+            "mqtts://broker.lan",
+            "--bridge-tls-ca",
+            "/nonexistent/broker-ca.pem",
+            "--allow-anonymous",
+            "--nats-url",
+            "nats://127.0.0.1:1",
+        ])
+        .output()
+        .expect("run hearth-gateway");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("bridge TLS") && stderr.contains("/nonexistent/broker-ca.pem"),
+        "{stderr}"
+    );
 }

@@ -15,6 +15,8 @@ pub struct TestMosquitto {
     child: Option<Child>,
     port: u16,
     dir: TempDir,
+    /// A second listener, speaking TLS.
+    tls_port: Option<u16>,
 }
 
 impl TestMosquitto {
@@ -25,6 +27,18 @@ impl TestMosquitto {
     /// If it cannot start, e.g. `mosquitto` is not installed
     /// (`scripts/setup.sh` installs it).
     pub async fn start() -> TestMosquitto {
+        Self::start_with(None).await
+    }
+
+    /// Like [`TestMosquitto::start`], with a second listener that speaks
+    /// TLS with the certificate chain and key in `cert` and `key` (PEM
+    /// files): [`TestMosquitto::url`] names that one, [`TestMosquitto::addr`]
+    /// the plain one.
+    pub async fn start_tls(cert: &std::path::Path, key: &std::path::Path) -> TestMosquitto {
+        Self::start_with(Some((cert, key))).await
+    }
+
+    async fn start_with(tls: Option<(&std::path::Path, &std::path::Path)>) -> TestMosquitto {
         crate::init_tracing();
         let dir = tempfile::Builder::new()
             .prefix("hearth-mosquitto-")
@@ -46,11 +60,21 @@ impl TestMosquitto {
              log_type warning\n",
             dir.path().display()
         );
+        let tls_port = tls.map(|_| crate::free_port());
+        let config = match (tls, tls_port) {
+            (Some((cert, key)), Some(tls_port)) => format!(
+                "{config}listener {tls_port} 127.0.0.1\ncertfile {}\nkeyfile {}\n",
+                cert.display(),
+                key.display()
+            ),
+            _ => config,
+        };
         std::fs::write(dir.path().join("mosquitto.conf"), config).expect("writing mosquitto.conf");
         let mut broker = TestMosquitto {
             child: None,
             port,
             dir,
+            tls_port,
         };
         broker.spawn().await;
         broker
@@ -72,8 +96,16 @@ impl TestMosquitto {
                 panic!("cannot run mosquitto ({error}); scripts/setup.sh installs it")
             });
         self.child = Some(child);
+        let tls = self
+            .tls_port
+            .map(|port| SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
         for _ in 0..200 {
-            if tokio::net::TcpStream::connect(self.addr()).await.is_ok() {
+            let plain = tokio::net::TcpStream::connect(self.addr()).await.is_ok();
+            let tls = match tls {
+                Some(tls) => tokio::net::TcpStream::connect(tls).await.is_ok(),
+                None => true,
+            };
+            if plain && tls {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
@@ -86,9 +118,13 @@ impl TestMosquitto {
         SocketAddr::from((Ipv4Addr::LOCALHOST, self.port))
     }
 
-    /// `mqtt://127.0.0.1:PORT`, as `--bridge-url` takes it.
+    /// `mqtt://127.0.0.1:PORT` (`mqtts://` with TLS), as `--bridge-url`
+    /// takes it.
     pub fn url(&self) -> String {
-        format!("mqtt://{}", self.addr())
+        match self.tls_port {
+            Some(port) => format!("mqtts://127.0.0.1:{port}"),
+            None => format!("mqtt://{}", self.addr()),
+        }
     }
 
     /// Stops the broker gracefully (SIGTERM: it saves its sessions) and

@@ -1,6 +1,7 @@
 //! The TLS listener's configuration (`[mqtt.tls]`): a certificate for the
 //! gateway and, optionally, a CA whose client certificates log devices in
-//! (mutual TLS), the certificate's common name being the username.
+//! (mutual TLS), the certificate's common name being the username. Also
+//! the client side, for the bridge to an `mqtts://` broker.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -59,6 +60,8 @@ pub enum TlsError {
     },
     #[error("mqtt.tls needs both cert and key")]
     Incomplete,
+    #[error("the system has no trusted root certificates: name the broker's CA (bridge.tls_ca)")]
+    NoRoots,
 }
 
 impl TlsConfig {
@@ -107,6 +110,50 @@ impl TlsConfig {
         config.alpn_protocols = vec![b"mqtt".to_vec()];
         Ok(TlsAcceptor::from(Arc::new(config)))
     }
+}
+
+/// A client configuration for TLS to a broker: trusting the CA
+/// certificates in `ca` (PEM), or the system's roots; presenting `client`
+/// (certificate chain, key; PEM) if given.
+pub(crate) fn client_config(
+    ca: Option<&Path>,
+    client: Option<(&Path, &Path)>,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca {
+        Some(path) => {
+            for certificate in certificates(path)? {
+                roots.add(certificate)?;
+            }
+        }
+        None => {
+            // Certificates the system lists but rustls cannot parse are
+            // skipped, as browsers do.
+            for certificate in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(certificate);
+            }
+            if roots.is_empty() {
+                return Err(TlsError::NoRoots);
+            }
+        }
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots);
+    let config = match client {
+        Some((cert, key_path)) => {
+            let key = PrivateKeyDer::from_pem_file(key_path).map_err(|source| TlsError::Read {
+                what: "the TLS key",
+                path: key_path.to_owned(),
+                source,
+            })?;
+            builder.with_client_auth_cert(certificates(cert)?, key)?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    Ok(Arc::new(config))
 }
 
 fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {

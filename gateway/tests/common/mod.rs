@@ -5,6 +5,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod meters;
+pub mod pki;
 
 use std::net::SocketAddr;
 use std::time::Duration;
