@@ -31,21 +31,26 @@ fn broker_client(
     rumqttc_client(broker.addr(), client_id, 100)
 }
 
+/// A motion reading of the `probe` device, at QoS 1.
+async fn publish_probe(probe: &rumqttc::AsyncClient) {
+    probe
+        .publish(
+            "hearth/home/lab/probe/motion",
+            QoS::AtLeastOnce,
+            false,
+            r#"{"detected":true}"#,
+        )
+        .await
+        .unwrap();
+}
+
 /// Publishes a probe reading every 200 ms until one is stored: from then on
 /// the bridge is subscribed, and what devices publish reaches it.
 async fn wait_until_bridged(js: &jetstream::Context, broker: &TestMosquitto) {
     let (probe, _acks, task) = broker_client(broker, "probe");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        probe
-            .publish(
-                "hearth/home/lab/probe/motion",
-                QoS::AtLeastOnce,
-                false,
-                r#"{"detected":true}"#,
-            )
-            .await
-            .unwrap();
+        publish_probe(&probe).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
         let events = js.get_stream("HEARTH_EVENTS").await;
         if let Ok(mut events) = events {
@@ -325,24 +330,40 @@ fn a_bridge_url_that_cannot_work_is_refused_with_the_reason() {
     }
 }
 
+/// A Mosquitto with a TLS listener whose certificate is made in `dir`, and
+/// a gateway bridged to it over TLS that trusts `ca` (the broker's own CA
+/// when `None`).
+async fn bridged_over_tls(
+    dir: &std::path::Path,
+    ca: Option<&std::path::Path>,
+) -> (
+    TestMosquitto,
+    TestNats,
+    jetstream::Context,
+    hearth_gateway::Gateway,
+) {
+    let pki = common::pki::pki(&dir.join("broker"));
+    let broker = TestMosquitto::start_tls(&pki.server_cert, &pki.server_key).await;
+    assert!(broker.url().starts_with("mqtts://"), "{}", broker.url());
+    let nats = TestNats::start().await;
+    let js = jetstream(&nats).await;
+    let url = broker.url();
+    let ca = ca.map_or(pki.ca, std::path::Path::to_owned);
+    let gateway = gateway(&nats, |config| {
+        config.bridge.url = Some(url);
+        config.bridge.tls_ca = Some(ca);
+    })
+    .await;
+    (broker, nats, js, gateway)
+}
+
 /// `mqtts://`: the bridge reaches the broker's TLS listener, verifying its
 /// certificate against `bridge.tls_ca`, and stores what devices publish
 /// there.
 #[tokio::test]
 async fn a_tls_broker_verified_by_its_ca_is_bridged() {
     let dir = tempfile::tempdir().unwrap();
-    let pki = common::pki::pki(dir.path());
-    let broker = TestMosquitto::start_tls(&pki.server_cert, &pki.server_key).await;
-    assert!(broker.url().starts_with("mqtts://"), "{}", broker.url());
-    let nats = TestNats::start().await;
-    let js = jetstream(&nats).await;
-    let url = broker.url();
-    let ca = pki.ca.clone();
-    let gateway = gateway(&nats, |config| {
-        config.bridge.url = Some(url);
-        config.bridge.tls_ca = Some(ca);
-    })
-    .await;
+    let (broker, _nats, js, gateway) = bridged_over_tls(dir.path(), None).await;
     // Devices publish on the broker's plain listener; the bridge is
     // subscribed on its TLS one.
     wait_until_bridged(&js, &broker).await;
@@ -354,29 +375,11 @@ async fn a_tls_broker_verified_by_its_ca_is_bridged() {
 #[tokio::test]
 async fn a_broker_with_an_untrusted_certificate_is_not_bridged() {
     let dir = tempfile::tempdir().unwrap();
-    let broker_pki = common::pki::pki(&dir.path().join("broker"));
     let other = common::pki::pki(&dir.path().join("other"));
-    let broker = TestMosquitto::start_tls(&broker_pki.server_cert, &broker_pki.server_key).await;
-    let nats = TestNats::start().await;
-    let js = jetstream(&nats).await;
-    let url = broker.url();
-    let ca = other.ca.clone();
-    let gateway = gateway(&nats, |config| {
-        config.bridge.url = Some(url);
-        config.bridge.tls_ca = Some(ca);
-    })
-    .await;
+    let (broker, _nats, js, gateway) = bridged_over_tls(dir.path(), Some(&other.ca)).await;
     let (probe, mut acks, task) = broker_client(&broker, "probe");
     for _ in 0..10 {
-        probe
-            .publish(
-                "hearth/home/lab/probe/motion",
-                QoS::AtLeastOnce,
-                false,
-                r#"{"detected":true}"#,
-            )
-            .await
-            .unwrap();
+        publish_probe(&probe).await;
         tokio::time::timeout(PROMPTLY, acks.recv())
             .await
             .expect("the broker acknowledges")
