@@ -20,12 +20,13 @@
 //!
 //! The other way, the gateway's own publishes on `bridge.forward` (commands
 //! to devices, routed like any MQTT publish) are published on the broker at
-//! QoS 1, and confirmed to the commands downlink once handed to the broker
-//! connection, which sends them until the broker acknowledges them while
-//! the gateway runs. A topic that decodes to events is never forwarded: it
-//! would come back through `bridge.topics` and be stored twice.
+//! QoS 1, and confirmed to the commands downlink only once the broker
+//! acknowledged them (its PUBACK): one the gateway dies before that is sent
+//! again by the downlink, not lost. A topic that decodes to events is never
+//! forwarded: it would come back through `bridge.topics` and be stored
+//! twice.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -42,7 +43,8 @@ use crate::ingest::{Done, Ingest, Pipeline, Received};
 pub(crate) const CONNECTED: &str = "hearth_gateway_bridge_connected";
 /// Messages received from the broker, by what became of them.
 pub(crate) const RECEIVED: &str = "hearth_gateway_bridge_received_total";
-/// The gateway's publishes forwarded to the broker (commands).
+/// The gateway's publishes forwarded to the broker (commands), counted when
+/// the broker acknowledged them.
 pub(crate) const FORWARDED: &str = "hearth_gateway_bridge_forwarded_total";
 
 /// The longest pause between connection attempts.
@@ -92,9 +94,44 @@ pub(crate) fn valid_filter(filter: &str) -> bool {
 /// What the broker connection reports to the bridge.
 #[derive(Debug)]
 enum FromBroker {
-    Connected { session_present: bool },
+    Connected {
+        session_present: bool,
+    },
     Publish(Publish),
+    /// One of the bridge's publishes went out under this packet id (again,
+    /// after a reconnect, under the same one).
+    Sent(u16),
+    /// The broker acknowledged the publish with this packet id.
+    Acked(u16),
     Lost,
+}
+
+/// The forwarded publishes the broker has not acknowledged yet, with where
+/// to confirm each once it has. rumqttc picks the packet id when it sends a
+/// publish, in the order publishes were handed to it.
+#[derive(Debug, Default)]
+struct Forwarded {
+    /// Handed to the broker connection, not sent yet, in order.
+    handed: VecDeque<Option<async_nats::Subject>>,
+    /// Sent, by packet id.
+    sent: HashMap<u16, Option<async_nats::Subject>>,
+}
+
+impl Forwarded {
+    fn sent(&mut self, pkid: u16) {
+        // A packet id still unacknowledged is a publish sent again.
+        if !self.sent.contains_key(&pkid) {
+            if let Some(confirm) = self.handed.pop_front() {
+                self.sent.insert(pkid, confirm);
+            }
+        }
+    }
+
+    /// The publish `pkid` is acknowledged: whether it was one of ours, and
+    /// where to confirm it.
+    fn acked(&mut self, pkid: u16) -> Option<Option<async_nats::Subject>> {
+        self.sent.remove(&pkid)
+    }
 }
 
 /// A bridge to one broker, ready to [`Bridge::run`].
@@ -214,6 +251,7 @@ impl Bridge {
         // A publish waiting for room in the pipeline.
         let mut waiting: Option<Received> = None;
         let mut unsent_acks: VecDeque<Publish> = VecDeque::new();
+        let mut forwarded = Forwarded::default();
         let mut retry = tokio::time::interval(Duration::from_millis(50));
         loop {
             tokio::select! {
@@ -268,11 +306,20 @@ impl Bridge {
                         Some(FromBroker::Publish(publish)) => {
                             waiting = self.received(publish, fresh_subscription, &client, &mut unsent_acks);
                         }
+                        Some(FromBroker::Sent(pkid)) => forwarded.sent(pkid),
+                        Some(FromBroker::Acked(pkid)) => {
+                            if let Some(confirm) = forwarded.acked(pkid) {
+                                metrics::counter!(FORWARDED).increment(1);
+                                if let Some(confirm) = confirm {
+                                    self.router.confirm(confirm).await;
+                                }
+                            }
+                        }
                     }
                 }
                 delivery = self.forward.1.recv() => {
                     let Some(delivery) = delivery else { break };
-                    self.forward(delivery, &client, connected).await;
+                    self.forward(delivery, &client, connected, &mut forwarded);
                 }
                 _ = retry.tick(), if !unsent_acks.is_empty() => send_acks(&client, &mut unsent_acks),
             }
@@ -325,8 +372,15 @@ impl Bridge {
         })
     }
 
-    /// Publishes one of the gateway's own publishes on the broker.
-    async fn forward(&self, delivery: Delivery, client: &AsyncClient, connected: bool) {
+    /// Publishes one of the gateway's own publishes on the broker; it is
+    /// confirmed once the broker acknowledged it.
+    fn forward(
+        &self,
+        delivery: Delivery,
+        client: &AsyncClient,
+        connected: bool,
+        forwarded: &mut Forwarded,
+    ) {
         if !connected {
             // Not confirmed: the commands downlink sends it again later.
             debug!(topic = %delivery.topic, "not forwarded: the broker is not connected");
@@ -345,12 +399,7 @@ impl Bridge {
             false,
             delivery.payload.to_vec(),
         ) {
-            Ok(()) => {
-                metrics::counter!(FORWARDED).increment(1);
-                if let Some(confirm) = delivery.confirm {
-                    self.router.confirm(confirm).await;
-                }
-            }
+            Ok(()) => forwarded.handed.push_back(delivery.confirm),
             Err(error) => warn!(topic = %delivery.topic, %error, "not forwarded to the broker"),
         }
     }
@@ -444,6 +493,8 @@ async fn poll(
                 }
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => FromBroker::Publish(publish),
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => FromBroker::Sent(pkid),
+            Ok(Event::Incoming(Packet::PubAck(ack))) => FromBroker::Acked(ack.pkid),
             Ok(Event::Incoming(Packet::SubAck(suback))) => {
                 let refused = suback
                     .return_codes

@@ -71,6 +71,36 @@ async fn wait_until_bridged(js: &jetstream::Context, broker: &TestMosquitto) {
     task.abort();
 }
 
+/// Stores a command to switch on light `device` in `room` of `home` in
+/// `HEARTH_COMMANDS`, as the house rules do.
+async fn publish_light_command(js: &jetstream::Context, room: &str, device: &str) -> v1::Command {
+    let command = v1::Command {
+        id: uuid::Uuid::now_v7().to_string(),
+        correlation_id: uuid::Uuid::now_v7().to_string(),
+        home: "home".into(),
+        room: room.into(),
+        device: device.into(),
+        body: Some(command::Body::LightSet(v1::LightSet {
+            on: true,
+            brightness_pct: Some(30),
+        })),
+        ..Default::default()
+    };
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Content-Type", Encoding::Json.content_type());
+    headers.insert("Hearth-Schema", "hearth.v1.Command");
+    js.publish_with_headers(
+        format!("hearth.cmd.home.{room}.light.{device}"),
+        headers,
+        Encoding::Json.encode(&command),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    command
+}
+
 /// Readings of the `meter` devices in the stream, by value, and how many
 /// times each is stored.
 async fn stored_meter_readings(js: &jetstream::Context) -> BTreeMap<u64, u32> {
@@ -172,30 +202,7 @@ async fn readings_on_the_broker_are_stored_and_commands_reach_devices_through_it
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let command = v1::Command {
-        id: uuid::Uuid::now_v7().to_string(),
-        correlation_id: uuid::Uuid::now_v7().to_string(),
-        home: "home".into(),
-        room: "hall".into(),
-        device: "meter".into(),
-        body: Some(command::Body::LightSet(v1::LightSet {
-            on: true,
-            brightness_pct: Some(30),
-        })),
-        ..Default::default()
-    };
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert("Content-Type", Encoding::Json.content_type());
-    headers.insert("Hearth-Schema", "hearth.v1.Command");
-    js.publish_with_headers(
-        "hearth.cmd.home.hall.light.meter",
-        headers,
-        Encoding::Json.encode(&command),
-    )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
+    let command = publish_light_command(&js, "hall", "meter").await;
     let publish = tokio::time::timeout(PROMPTLY, commands.recv())
         .await
         .expect("the command reaches the device through the broker")
@@ -399,5 +406,57 @@ async fn a_broker_with_an_untrusted_certificate_is_not_bridged() {
         "stored from a broker the bridge cannot verify: {stored:?}"
     );
     task.abort();
+    gateway.shutdown().await;
+}
+
+/// A command forwarded to the broker is confirmed to the commands downlink
+/// (and so taken off `HEARTH_COMMANDS`) only once the broker acknowledged
+/// it: with the broker frozen it stays pending, thawed it is confirmed.
+#[tokio::test]
+async fn a_forwarded_command_is_confirmed_only_once_the_broker_acknowledged_it() {
+    let broker = TestMosquitto::start().await;
+    let nats = TestNats::start().await;
+    let js = jetstream(&nats).await;
+    let url = broker.url();
+    let gateway = gateway(&nats, |config| config.bridge.url = Some(url)).await;
+    // The probe's reading also tells the gateway where the probe is.
+    wait_until_bridged(&js, &broker).await;
+    let ack_pending = async || {
+        let mut consumer: jetstream::consumer::PullConsumer = js
+            .get_consumer_from_stream("hearth-gateway", "HEARTH_COMMANDS")
+            .await
+            .unwrap();
+        let info = consumer.info().await.unwrap();
+        (info.num_ack_pending, info.num_pending)
+    };
+    broker.freeze();
+    publish_light_command(&js, "lab", "probe").await;
+    let deadline = tokio::time::Instant::now() + PROMPTLY;
+    while ack_pending().await != (1, 0) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the command never reached the gateway unconfirmed: {:?}",
+            ack_pending().await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Well within commands.delivery_timeout (5 s), after which it would be
+    // sent again.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        ack_pending().await,
+        (1, 0),
+        "confirmed while the broker had not acknowledged it"
+    );
+    broker.thaw();
+    let deadline = tokio::time::Instant::now() + PROMPTLY;
+    while ack_pending().await != (0, 0) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not confirmed once the broker acknowledged it: {:?}",
+            ack_pending().await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     gateway.shutdown().await;
 }

@@ -127,6 +127,30 @@ impl TestMosquitto {
         }
     }
 
+    /// Freezes the broker (SIGSTOP): connections stay open, nothing is
+    /// answered until [`TestMosquitto::thaw`].
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a frozen broker run again (SIGCONT).
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self
+            .child
+            .as_ref()
+            .and_then(Child::id)
+            .expect("mosquitto is running");
+        let status = std::process::Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {signal} {pid}");
+    }
+
     /// Stops the broker gracefully (SIGTERM: it saves its sessions) and
     /// starts it again on the same port and persistence.
     pub async fn restart(&mut self) {
