@@ -161,7 +161,7 @@ impl Pipeline {
             client,
             inbox,
             replies,
-            queue: VecDeque::with_capacity(capacity.min(64)),
+            queue: VecDeque::new(),
             next_id: 0,
             settled_after: metrics::histogram!(crate::telemetry::STORE_SECONDS),
         };
