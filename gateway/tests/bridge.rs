@@ -344,12 +344,22 @@ fn a_bridge_setting_that_cannot_work_is_refused_with_the_reason() {
     }
 }
 
-/// A Mosquitto with a TLS listener whose certificate is made in `dir`, and
-/// a gateway bridged to it over TLS that trusts `ca` (the broker's own CA
-/// when `None`).
+/// How the bridge meets a TLS broker.
+#[derive(Clone, Copy)]
+enum Meeting {
+    /// It trusts the broker's CA.
+    Trusting,
+    /// The broker also asks for a client certificate, and gets one.
+    WithClientCertificate,
+    /// It trusts another CA.
+    Distrusting,
+}
+
+/// A Mosquitto with a TLS listener whose certificates are made in `dir`,
+/// and a gateway bridged to it over TLS as `meeting` says.
 async fn bridged_over_tls(
     dir: &std::path::Path,
-    ca: Option<&std::path::Path>,
+    meeting: Meeting,
 ) -> (
     TestMosquitto,
     TestNats,
@@ -357,31 +367,41 @@ async fn bridged_over_tls(
     hearth_gateway::Gateway,
 ) {
     let pki = common::pki::pki(&dir.join("broker"));
-    let broker = TestMosquitto::start_tls(&pki.server_cert, &pki.server_key).await;
+    let client_ca = matches!(meeting, Meeting::WithClientCertificate).then_some(&*pki.ca);
+    let broker = TestMosquitto::start_tls(&pki.server_cert, &pki.server_key, client_ca).await;
     assert!(broker.url().starts_with("mqtts://"), "{}", broker.url());
     let nats = TestNats::start().await;
     let js = jetstream(&nats).await;
     let url = broker.url();
-    let ca = ca.map_or(pki.ca, std::path::Path::to_owned);
+    let ca = match meeting {
+        Meeting::Distrusting => common::pki::pki(&dir.join("other")).ca,
+        _ => pki.ca.clone(),
+    };
     let gateway = gateway(&nats, |config| {
         config.bridge.url = Some(url);
         config.bridge.tls_ca = Some(ca);
+        if matches!(meeting, Meeting::WithClientCertificate) {
+            config.bridge.tls_cert = Some(pki.client_cert);
+            config.bridge.tls_key = Some(pki.client_key);
+        }
     })
     .await;
     (broker, nats, js, gateway)
 }
 
 /// `mqtts://`: the bridge reaches the broker's TLS listener, verifying its
-/// certificate against `bridge.tls_ca`, and stores what devices publish
-/// there.
+/// certificate against `bridge.tls_ca` (and presenting its own when the
+/// broker asks for one), and stores what devices publish there.
 #[tokio::test]
 async fn a_tls_broker_verified_by_its_ca_is_bridged() {
-    let dir = tempfile::tempdir().unwrap();
-    let (broker, _nats, js, gateway) = bridged_over_tls(dir.path(), None).await;
-    // Devices publish on the broker's plain listener; the bridge is
-    // subscribed on its TLS one.
-    wait_until_bridged(&js, &broker).await;
-    gateway.shutdown().await;
+    for meeting in [Meeting::Trusting, Meeting::WithClientCertificate] {
+        let dir = tempfile::tempdir().unwrap();
+        let (broker, _nats, js, gateway) = bridged_over_tls(dir.path(), meeting).await;
+        // Devices publish on the broker's plain listener; the bridge is
+        // subscribed on its TLS one.
+        wait_until_bridged(&js, &broker).await;
+        gateway.shutdown().await;
+    }
 }
 
 /// A broker whose certificate the bridge cannot verify is not bridged:
@@ -389,8 +409,7 @@ async fn a_tls_broker_verified_by_its_ca_is_bridged() {
 #[tokio::test]
 async fn a_broker_with_an_untrusted_certificate_is_not_bridged() {
     let dir = tempfile::tempdir().unwrap();
-    let other = common::pki::pki(&dir.path().join("other"));
-    let (broker, _nats, js, gateway) = bridged_over_tls(dir.path(), Some(&other.ca)).await;
+    let (broker, _nats, js, gateway) = bridged_over_tls(dir.path(), Meeting::Distrusting).await;
     let (probe, mut acks, task) = broker_client(&broker, "probe");
     for _ in 0..10 {
         publish_probe(&probe).await;

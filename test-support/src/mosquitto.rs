@@ -7,6 +7,13 @@ use std::time::Duration;
 use tempfile::TempDir;
 use tokio::process::{Child, Command};
 
+/// A TLS listener's certificate, key and the CA of its clients' certificates.
+type TlsFiles<'a> = (
+    &'a std::path::Path,
+    &'a std::path::Path,
+    Option<&'a std::path::Path>,
+);
+
 /// A `mosquitto` on a free loopback port, anonymous, with persistence in a
 /// temporary directory (so that a bridge's persistent session survives a
 /// [`TestMosquitto::restart`]); killed and removed on drop.
@@ -33,12 +40,17 @@ impl TestMosquitto {
     /// Like [`TestMosquitto::start`], with a second listener that speaks
     /// TLS with the certificate chain and key in `cert` and `key` (PEM
     /// files): [`TestMosquitto::url`] names that one, [`TestMosquitto::addr`]
-    /// the plain one.
-    pub async fn start_tls(cert: &std::path::Path, key: &std::path::Path) -> TestMosquitto {
-        Self::start_with(Some((cert, key))).await
+    /// the plain one. With `client_ca`, the TLS listener lets in only
+    /// clients with a certificate that CA signed.
+    pub async fn start_tls(
+        cert: &std::path::Path,
+        key: &std::path::Path,
+        client_ca: Option<&std::path::Path>,
+    ) -> TestMosquitto {
+        Self::start_with(Some((cert, key, client_ca))).await
     }
 
-    async fn start_with(tls: Option<(&std::path::Path, &std::path::Path)>) -> TestMosquitto {
+    async fn start_with(tls: Option<TlsFiles<'_>>) -> TestMosquitto {
         crate::init_tracing();
         let dir = tempfile::Builder::new()
             .prefix("hearth-mosquitto-")
@@ -62,11 +74,16 @@ impl TestMosquitto {
         );
         let tls_port = tls.map(|_| crate::free_port());
         let config = match (tls, tls_port) {
-            (Some((cert, key)), Some(tls_port)) => format!(
-                "{config}listener {tls_port} 127.0.0.1\ncertfile {}\nkeyfile {}\n",
-                cert.display(),
-                key.display()
-            ),
+            (Some((cert, key, client_ca)), Some(tls_port)) => {
+                let client_ca = client_ca.map_or_else(String::new, |ca| {
+                    format!("cafile {}\nrequire_certificate true\n", ca.display())
+                });
+                format!(
+                    "{config}listener {tls_port} 127.0.0.1\ncertfile {}\nkeyfile {}\n{client_ca}",
+                    cert.display(),
+                    key.display()
+                )
+            }
             _ => config,
         };
         std::fs::write(dir.path().join("mosquitto.conf"), config).expect("writing mosquitto.conf");
