@@ -18,7 +18,10 @@
 //! its ids it has (see `jetstream::dedup`). The events are what tells a
 //! repeat of an older identical publish; a session subscribed since that
 //! one has no earlier copy, so its copy stored under the old generation and
-//! again under the new one would reach it twice.
+//! again under the new one would reach it twice. A publish that is only
+//! queued (no events) has nothing else to tell its generation and is still
+//! published whole: a repeat of it that finds some sessions new and some
+//! not stores the new ones' copies under both generations.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
