@@ -115,6 +115,12 @@ struct Entry {
     /// Messages `..released` are published; the rest (the copies queued for
     /// sessions) wait until the generation is known.
     released: usize,
+    /// The generation is known to be this publish's own (its held copies
+    /// were released): a duplicate from now on is an earlier attempt of it,
+    /// never read back. A copy's reply lost and sent again must not be
+    /// taken for an older publish's (the session may have consumed and
+    /// purged the first one).
+    settled: bool,
     /// When the messages without a reply are published again.
     deadline: Instant,
     backoff: Duration,
@@ -232,7 +238,10 @@ impl Pipeline {
             }
             tokio::select! {
                 biased;
-                () = stop.cancelled() => return,
+                () = stop.cancelled() => {
+                    self.hand_over_held().await;
+                    return;
+                }
                 reply = self.replies.next() => match reply {
                     Some(reply) => {
                         if let Some(position) = self.record(&reply) {
@@ -288,6 +297,7 @@ impl Pipeline {
             acks: (0..count).map(|_| None).collect(),
             missing: released,
             released,
+            settled: false,
             deadline: Instant::now() + ACK_TIMEOUT,
             backoff: RETRY_MIN,
         };
@@ -376,6 +386,7 @@ impl Pipeline {
         if let Some(entry) = queue.get_mut(position) {
             entry.missing += entry.acks.len() - entry.released;
             entry.released = entry.acks.len();
+            entry.settled = true;
             self.publish(entry).await;
         }
         self.queue = queue;
@@ -439,9 +450,12 @@ impl Pipeline {
         // A duplicate is the expected outcome for a retransmission; for a new
         // publish it is either an earlier attempt of this one, or an older
         // identical publish (see `jetstream::dedup`).
-        let (Some((stream, sequence)), Some(key), false) =
-            (duplicate, &entry.prepared.dedup, entry.prepared.dup)
-        else {
+        let (Some((stream, sequence)), Some(key), false, false) = (
+            duplicate,
+            &entry.prepared.dedup,
+            entry.prepared.dup,
+            entry.settled,
+        ) else {
             return self.settled_or_release().await;
         };
         match stored_correlation_id(&ingest, &stream, sequence).await {
@@ -489,6 +503,36 @@ impl Pipeline {
         self.publish(&mut entry).await;
         self.queue.push_front(entry);
         Settle::Again
+    }
+
+    /// On a stop (the connection is gone): the copies still held are handed
+    /// to NATS under the generation they have, so that a publish whose
+    /// events were handed over is not left without its sessions' copies
+    /// (a clean-session device need not send it again). Bounded: a stop
+    /// must not wait out a NATS outage.
+    async fn hand_over_held(&mut self) {
+        if self
+            .queue
+            .iter()
+            .all(|entry| entry.released == entry.acks.len())
+        {
+            return;
+        }
+        let handed = tokio::time::timeout(ACK_TIMEOUT, async {
+            for position in 0..self.queue.len() {
+                if self
+                    .queue
+                    .get(position)
+                    .is_some_and(|entry| entry.released < entry.acks.len())
+                {
+                    self.release(position).await;
+                }
+            }
+        })
+        .await;
+        if handed.is_err() {
+            warn!("stopping: NATS did not take every session copy in time");
+        }
     }
 
     /// The front entry, stored under its final generation, is done, or has
