@@ -47,6 +47,8 @@ pub(crate) const RECEIVED: &str = "hearth_gateway_bridge_received_total";
 /// the broker acknowledged them.
 pub(crate) const FORWARDED: &str = "hearth_gateway_bridge_forwarded_total";
 
+/// The gateway's publishes waiting for the broker connection.
+const FORWARD_QUEUE: usize = 1024;
 /// The longest pause between connection attempts.
 const RECONNECT_MAX: Duration = Duration::from_secs(30);
 /// How long a stopping bridge waits for what it is storing, so that it can
@@ -98,29 +100,54 @@ enum FromBroker {
         session_present: bool,
     },
     Publish(Publish),
-    /// One of the bridge's publishes went out under this packet id (again,
-    /// after a reconnect, under the same one).
-    Sent(u16),
-    /// The broker acknowledged the publish with this packet id.
-    Acked(u16),
+    /// The broker acknowledged one of the gateway's publishes; where to
+    /// confirm it, if anywhere.
+    Forwarded(Option<async_nats::Subject>),
     Lost,
+}
+
+/// One of the gateway's own publishes, for the broker.
+#[derive(Debug)]
+struct ToForward {
+    topic: Arc<str>,
+    payload: bytes::Bytes,
+    confirm: Option<async_nats::Subject>,
 }
 
 /// The forwarded publishes the broker has not acknowledged yet, with where
 /// to confirm each once it has. rumqttc picks the packet id when it sends a
-/// publish, in the order publishes were handed to it.
+/// publish, in the order publishes were handed to it; only the task that
+/// polls the connection hands publishes over, so it knows which ones a
+/// lost connection took with it.
 #[derive(Debug, Default)]
 struct Forwarded {
     /// Handed to the broker connection, not sent yet, in order.
     handed: VecDeque<Option<async_nats::Subject>>,
     /// Sent, by packet id.
     sent: HashMap<u16, Option<async_nats::Subject>>,
+    /// After a reconnect that found no session, rumqttc has dropped what
+    /// it had not sent or not got acknowledged, but may still report sends
+    /// made before: those are ignored, and nothing new is handed over,
+    /// until no such report is left.
+    purging: bool,
 }
 
 impl Forwarded {
+    fn hand_over(&mut self, client: &AsyncClient, forward: ToForward) {
+        match client.try_publish(
+            &*forward.topic,
+            QoS::AtLeastOnce,
+            false,
+            forward.payload.to_vec(),
+        ) {
+            Ok(()) => self.handed.push_back(forward.confirm),
+            Err(error) => warn!(topic = %forward.topic, %error, "not forwarded to the broker"),
+        }
+    }
+
     fn sent(&mut self, pkid: u16) {
         // A packet id still unacknowledged is a publish sent again.
-        if !self.sent.contains_key(&pkid) {
+        if !self.purging && !self.sent.contains_key(&pkid) {
             if let Some(confirm) = self.handed.pop_front() {
                 self.sent.insert(pkid, confirm);
             }
@@ -131,6 +158,32 @@ impl Forwarded {
     /// where to confirm it.
     fn acked(&mut self, pkid: u16) -> Option<Option<async_nats::Subject>> {
         self.sent.remove(&pkid)
+    }
+
+    /// The broker kept no session: what was handed over is gone, left
+    /// unconfirmed (the commands downlink sends it again).
+    fn session_lost(&mut self) {
+        if !self.handed.is_empty() || !self.sent.is_empty() {
+            warn!(
+                dropped = self.handed.len() + self.sent.len(),
+                "the broker kept no session: forwarded publishes it had not acknowledged are \
+                 sent again by whoever sent them"
+            );
+        }
+        self.handed.clear();
+        self.sent.clear();
+        self.purging = true;
+    }
+
+    /// Ends purging once the connection has no earlier send left to report.
+    fn check_purged(&mut self, eventloop: &EventLoop) {
+        if self.purging {
+            self.purging = eventloop
+                .state
+                .events
+                .iter()
+                .any(|event| matches!(event, Event::Outgoing(Outgoing::Publish(_))));
+        }
     }
 }
 
@@ -223,10 +276,7 @@ impl Bridge {
             .set_clean_session(false)
             .set_manual_acks(true)
             .set_keep_alive(self.config.keep_alive)
-            .set_max_packet_size(self.max_packet_size, self.max_packet_size)
-            // Acknowledgements and forwarded publishes are handed over
-            // without waiting (see `serve`): room for all of them.
-            .set_request_channel_capacity(2 * self.config.max_inflight + 64);
+            .set_max_packet_size(self.max_packet_size, self.max_packet_size);
         if let Some(username) = &self.config.username {
             options.set_credentials(
                 username.as_str(),
@@ -237,10 +287,21 @@ impl Bridge {
     }
 
     async fn serve(mut self) {
-        let (client, eventloop) = AsyncClient::new(self.options(), 64);
+        // Acknowledgements and forwarded publishes are handed over without
+        // waiting (see below): room for all of them.
+        let (client, eventloop) =
+            AsyncClient::new(self.options(), 2 * self.config.max_inflight + 64);
         let (events_tx, mut events) = mpsc::channel(64);
+        let (forwards, forwards_rx) = mpsc::channel(FORWARD_QUEUE);
         let poller = tokio::spawn(
-            poll(eventloop, events_tx, self.shutdown.clone()).instrument(tracing::Span::current()),
+            poll(
+                eventloop,
+                client.clone(),
+                events_tx,
+                forwards_rx,
+                self.shutdown.clone(),
+            )
+            .instrument(tracing::Span::current()),
         );
         // Which connection each publish in the pipeline came on, in order.
         let mut came_on: VecDeque<u64> = VecDeque::new();
@@ -251,7 +312,6 @@ impl Bridge {
         // A publish waiting for room in the pipeline.
         let mut waiting: Option<Received> = None;
         let mut unsent_acks: VecDeque<Publish> = VecDeque::new();
-        let mut forwarded = Forwarded::default();
         let mut retry = tokio::time::interval(Duration::from_millis(50));
         loop {
             tokio::select! {
@@ -306,20 +366,17 @@ impl Bridge {
                         Some(FromBroker::Publish(publish)) => {
                             waiting = self.received(publish, fresh_subscription, &client, &mut unsent_acks);
                         }
-                        Some(FromBroker::Sent(pkid)) => forwarded.sent(pkid),
-                        Some(FromBroker::Acked(pkid)) => {
-                            if let Some(confirm) = forwarded.acked(pkid) {
-                                metrics::counter!(FORWARDED).increment(1);
-                                if let Some(confirm) = confirm {
-                                    self.router.confirm(confirm).await;
-                                }
+                        Some(FromBroker::Forwarded(confirm)) => {
+                            metrics::counter!(FORWARDED).increment(1);
+                            if let Some(confirm) = confirm {
+                                self.router.confirm(confirm).await;
                             }
                         }
                     }
                 }
                 delivery = self.forward.1.recv() => {
                     let Some(delivery) = delivery else { break };
-                    self.forward(delivery, &client, connected, &mut forwarded);
+                    self.forward(delivery, &forwards, connected);
                 }
                 _ = retry.tick(), if !unsent_acks.is_empty() => send_acks(&client, &mut unsent_acks),
             }
@@ -372,15 +429,10 @@ impl Bridge {
         })
     }
 
-    /// Publishes one of the gateway's own publishes on the broker; it is
-    /// confirmed once the broker acknowledged it.
-    fn forward(
-        &self,
-        delivery: Delivery,
-        client: &AsyncClient,
-        connected: bool,
-        forwarded: &mut Forwarded,
-    ) {
+    /// Passes one of the gateway's own publishes to the broker connection;
+    /// it is confirmed once the broker acknowledged it. One that goes
+    /// nowhere is not confirmed: the commands downlink sends it again.
+    fn forward(&self, delivery: Delivery, forwards: &mpsc::Sender<ToForward>, connected: bool) {
         if !connected {
             // Not confirmed: the commands downlink sends it again later.
             debug!(topic = %delivery.topic, "not forwarded: the broker is not connected");
@@ -393,14 +445,19 @@ impl Bridge {
             warn!(topic = %delivery.topic, "not forwarded: it is a device event topic, and would be stored twice (bridge.forward should name command topics)");
             return;
         }
-        match client.try_publish(
-            &*delivery.topic,
-            QoS::AtLeastOnce,
-            false,
-            delivery.payload.to_vec(),
-        ) {
-            Ok(()) => forwarded.handed.push_back(delivery.confirm),
-            Err(error) => warn!(topic = %delivery.topic, %error, "not forwarded to the broker"),
+        // rumqttc would fail the connection on it, and again on every
+        // reconnect.
+        if delivery.topic.len() + delivery.payload.len() + 16 > self.max_packet_size {
+            warn!(topic = %delivery.topic, bytes = delivery.payload.len(), max_packet_size = self.max_packet_size, "not forwarded: too large for mqtt.max_packet_size");
+            return;
+        }
+        let forward = ToForward {
+            topic: delivery.topic,
+            payload: delivery.payload,
+            confirm: delivery.confirm,
+        };
+        if let Err(error) = forwards.try_send(forward) {
+            warn!(%error, "not forwarded to the broker: too many waiting");
         }
     }
 
@@ -461,40 +518,75 @@ fn send_acks(client: &AsyncClient, unsent: &mut VecDeque<Publish>) {
 }
 
 /// Drives the broker connection, reconnecting with a growing pause, and
-/// reports what matters to the bridge.
+/// reports what matters to the bridge. Hands over the gateway's publishes
+/// for the broker (`forwards`) itself, while a poll is under way but never
+/// inside one, so that it knows which of them a lost connection dropped.
 async fn poll(
     mut eventloop: EventLoop,
+    client: AsyncClient,
     events: mpsc::Sender<FromBroker>,
+    mut forwards: mpsc::Receiver<ToForward>,
     shutdown: CancellationToken,
 ) {
     let mut pause = Duration::from_millis(500);
     let mut failures = 0u32;
+    let mut forwarded = Forwarded::default();
+    let mut connected = false;
     loop {
-        let polled = tokio::select! {
-            () = shutdown.cancelled() => {
-                // Let the disconnect the bridge sends go out.
-                let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                    while let Ok(event) = eventloop.poll().await {
-                        if matches!(event, Event::Outgoing(Outgoing::Disconnect)) {
-                            break;
+        forwarded.check_purged(&eventloop);
+        let polled = {
+            // Never dropped half-way (rumqttc's poll is not cancel-safe),
+            // except to stop.
+            let poll = eventloop.poll();
+            tokio::pin!(poll);
+            loop {
+                tokio::select! {
+                    biased;
+                    () = shutdown.cancelled() => break None,
+                    polled = &mut poll => break Some(polled),
+                    forward = forwards.recv(), if !forwarded.purging => match forward {
+                        Some(forward) if connected => forwarded.hand_over(&client, forward),
+                        Some(forward) => {
+                            debug!(topic = %forward.topic, "not forwarded: the broker is not connected");
                         }
-                    }
-                }).await;
-                return;
+                        None => break None,
+                    },
+                }
             }
-            polled = eventloop.poll() => polled,
+        };
+        let Some(polled) = polled else {
+            // Let the disconnect the bridge sends go out.
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                while let Ok(event) = eventloop.poll().await {
+                    if matches!(event, Event::Outgoing(Outgoing::Disconnect)) {
+                        break;
+                    }
+                }
+            })
+            .await;
+            return;
         };
         let report = match polled {
             Ok(Event::Incoming(Packet::ConnAck(connack))) => {
                 pause = Duration::from_millis(500);
                 failures = 0;
+                connected = true;
+                if !connack.session_present {
+                    forwarded.session_lost();
+                }
                 FromBroker::Connected {
                     session_present: connack.session_present,
                 }
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => FromBroker::Publish(publish),
-            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => FromBroker::Sent(pkid),
-            Ok(Event::Incoming(Packet::PubAck(ack))) => FromBroker::Acked(ack.pkid),
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                forwarded.sent(pkid);
+                continue;
+            }
+            Ok(Event::Incoming(Packet::PubAck(ack))) => match forwarded.acked(ack.pkid) {
+                Some(confirm) => FromBroker::Forwarded(confirm),
+                None => continue,
+            },
             Ok(Event::Incoming(Packet::SubAck(suback))) => {
                 let refused = suback
                     .return_codes
@@ -511,6 +603,7 @@ async fn poll(
             }
             Ok(_) => continue,
             Err(error) => {
+                connected = false;
                 failures += 1;
                 // The first failure and then every tenth: a broker that is
                 // away for hours must not flood the log.

@@ -101,6 +101,76 @@ async fn publish_light_command(js: &jetstream::Context, room: &str, device: &str
     command
 }
 
+/// A gateway bridged to `broker`, once what devices publish there is
+/// stored (a probe reading was).
+async fn bridged_to(
+    broker: &TestMosquitto,
+) -> (TestNats, jetstream::Context, hearth_gateway::Gateway) {
+    let nats = TestNats::start().await;
+    let js = jetstream(&nats).await;
+    let url = broker.url();
+    let gateway = gateway(&nats, |config| config.bridge.url = Some(url)).await;
+    wait_until_bridged(&js, broker).await;
+    (nats, js, gateway)
+}
+
+/// The gateways' commands consumer: commands delivered and not yet
+/// confirmed, and commands not delivered yet.
+async fn commands(js: &jetstream::Context) -> (usize, u64) {
+    let mut consumer: jetstream::consumer::PullConsumer = js
+        .get_consumer_from_stream("hearth-gateway", "HEARTH_COMMANDS")
+        .await
+        .unwrap();
+    let info = consumer.info().await.unwrap();
+    (info.num_ack_pending, info.num_pending)
+}
+
+/// Waits until [`commands`] says `expected`; panics with `what` if it does
+/// not promptly.
+async fn wait_for_commands(js: &jetstream::Context, expected: (usize, u64), what: &str) {
+    let deadline = tokio::time::Instant::now() + PROMPTLY;
+    loop {
+        let now = commands(js).await;
+        if now == expected {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{what}: {now:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Device `device` of room `room` as a client of the broker, subscribed to
+/// its native command topic: what it receives, and its event loop.
+async fn device_on_broker(
+    broker: &TestMosquitto,
+    device: &str,
+    room: &str,
+) -> (
+    tokio::sync::mpsc::UnboundedReceiver<rumqttc::Publish>,
+    tokio::task::JoinHandle<()>,
+) {
+    let mut options = rumqttc::MqttOptions::new(device, "127.0.0.1", broker.addr().port());
+    options.set_keep_alive(Duration::from_secs(30));
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
+    client
+        .subscribe(format!("hearth/home/{room}/{device}/set"), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let (commands_tx, commands) = tokio::sync::mpsc::unbounded_channel();
+    let event_loop = tokio::spawn(async move {
+        // The client lives as long as its event loop.
+        let _client = client;
+        while let Ok(event) = eventloop.poll().await {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(publish)) = event {
+                let _ = commands_tx.send(publish);
+            }
+        }
+    });
+    // Subscribed by then.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    (commands, event_loop)
+}
+
 /// Readings of the `meter` devices in the stream, by value, and how many
 /// times each is stored.
 async fn stored_meter_readings(js: &jetstream::Context) -> BTreeMap<u64, u32> {
@@ -186,22 +256,7 @@ async fn readings_on_the_broker_are_stored_and_commands_reach_devices_through_it
 
     // A command for the meter (a native device, learned from its reports)
     // goes to the broker, where the device subscribes.
-    let mut options = rumqttc::MqttOptions::new("meter", "127.0.0.1", broker.addr().port());
-    options.set_keep_alive(Duration::from_secs(30));
-    let (meter, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
-    let (commands_tx, mut commands) = tokio::sync::mpsc::unbounded_channel();
-    let meter_loop = tokio::spawn(async move {
-        while let Ok(event) = eventloop.poll().await {
-            if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(publish)) = event {
-                let _ = commands_tx.send(publish);
-            }
-        }
-    });
-    meter
-        .subscribe("hearth/home/hall/meter/set", QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (mut commands, meter_loop) = device_on_broker(&broker, "meter", "hall").await;
     let command = publish_light_command(&js, "hall", "meter").await;
     let publish = tokio::time::timeout(PROMPTLY, commands.recv())
         .await
@@ -434,48 +489,53 @@ async fn a_broker_with_an_untrusted_certificate_is_not_bridged() {
 #[tokio::test]
 async fn a_forwarded_command_is_confirmed_only_once_the_broker_acknowledged_it() {
     let broker = TestMosquitto::start().await;
-    let nats = TestNats::start().await;
-    let js = jetstream(&nats).await;
-    let url = broker.url();
-    let gateway = gateway(&nats, |config| config.bridge.url = Some(url)).await;
     // The probe's reading also tells the gateway where the probe is.
-    wait_until_bridged(&js, &broker).await;
-    let ack_pending = async || {
-        let mut consumer: jetstream::consumer::PullConsumer = js
-            .get_consumer_from_stream("hearth-gateway", "HEARTH_COMMANDS")
-            .await
-            .unwrap();
-        let info = consumer.info().await.unwrap();
-        (info.num_ack_pending, info.num_pending)
-    };
+    let (_nats, js, gateway) = bridged_to(&broker).await;
     broker.freeze();
     publish_light_command(&js, "lab", "probe").await;
-    let deadline = tokio::time::Instant::now() + PROMPTLY;
-    while ack_pending().await != (1, 0) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the command never reached the gateway unconfirmed: {:?}",
-            ack_pending().await
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_commands(
+        &js,
+        (1, 0),
+        "the command never reached the gateway unconfirmed",
+    )
+    .await;
     // Well within commands.delivery_timeout (5 s), after which it would be
     // sent again.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(
-        ack_pending().await,
+        commands(&js).await,
         (1, 0),
         "confirmed while the broker had not acknowledged it"
     );
     broker.thaw();
-    let deadline = tokio::time::Instant::now() + PROMPTLY;
-    while ack_pending().await != (0, 0) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "not confirmed once the broker acknowledged it: {:?}",
-            ack_pending().await
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_commands(&js, (0, 0), "not confirmed once the broker acknowledged it").await;
+    gateway.shutdown().await;
+}
+
+/// A broker that comes back without the bridge's session (it crashed, with
+/// nothing saved) has lost the command it had not acknowledged: that one
+/// is not confirmed, so the commands downlink sends it again, it reaches
+/// the device and is confirmed then.
+#[tokio::test]
+async fn a_command_the_broker_lost_with_its_session_is_sent_again() {
+    let mut broker = TestMosquitto::start().await;
+    let (_nats, js, gateway) = bridged_to(&broker).await;
+    broker.freeze();
+    let lost = publish_light_command(&js, "lab", "probe").await;
+    wait_for_commands(&js, (1, 0), "the command never reached the gateway").await;
+    broker.crash_and_restart().await;
+
+    // The device, on the broker that came back.
+    let (mut commands, device_loop) = device_on_broker(&broker, "probe", "lab").await;
+
+    // It comes again after commands.delivery_timeout (5 s).
+    let publish = tokio::time::timeout(Duration::from_secs(30), commands.recv())
+        .await
+        .expect("the lost command sent again")
+        .unwrap();
+    let payload: serde_json::Value = serde_json::from_slice(&publish.payload).unwrap();
+    assert_eq!(payload["command_id"], lost.id.as_str());
+    wait_for_commands(&js, (0, 0), "not every command confirmed").await;
+    device_loop.abort();
     gateway.shutdown().await;
 }

@@ -168,9 +168,24 @@ impl TestMosquitto {
         assert!(status.success(), "kill {signal} {pid}");
     }
 
+    /// Kills the broker (SIGKILL, also when frozen) and starts it again on
+    /// the same port with nothing saved: every session is gone, as after a
+    /// crash of a broker without persistence.
+    pub async fn crash_and_restart(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
+        let _ = std::fs::remove_file(self.dir.path().join("mosquitto.db"));
+        self.spawn().await;
+    }
+
     /// Stops the broker gracefully (SIGTERM: it saves its sessions) and
     /// starts it again on the same port and persistence.
     pub async fn restart(&mut self) {
+        if self.child.is_some() {
+            // A frozen broker would not stop.
+            self.thaw();
+        }
         if let Some(mut child) = self.child.take() {
             if let Some(pid) = child.id() {
                 let _ = std::process::Command::new("kill")
