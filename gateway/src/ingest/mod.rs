@@ -91,6 +91,14 @@ impl Outgoing {
     fn is_queued(&self) -> bool {
         matches!(self.meta, Meta::Queued { .. })
     }
+
+    /// Whether storing it fresh proves that no older identical publish used
+    /// the generation: events and dead letters follow from the topic and
+    /// payload alone; a retained copy does not (the retain flag is not part
+    /// of the dedup key) and a session's copy depends on who subscribed.
+    fn tells_generation(&self) -> bool {
+        matches!(self.meta, Meta::Event { .. } | Meta::DeadLetter { .. })
+    }
 }
 
 /// A publish turned into the messages that store it.

@@ -19,9 +19,10 @@
 //! repeat of an older identical publish; a session subscribed since that
 //! one has no earlier copy, so its copy stored under the old generation and
 //! again under the new one would reach it twice. A publish that is only
-//! queued (no events) has nothing else to tell its generation and is still
-//! published whole: a repeat of it that finds some sessions new and some
-//! not stores the new ones' copies under both generations.
+//! queued, or retained and queued (no events, no dead letter), has nothing
+//! that tells its generation and is still published whole: a repeat of it
+//! that finds some sessions new and some not stores the new ones' copies
+//! under both generations (a copy twice rather than none).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -287,7 +288,15 @@ impl Pipeline {
         let count = prepared.messages.len();
         // A retransmission's generation is known already, and QoS 0 has none.
         let released = match prepared.messages.iter().position(Outgoing::is_queued) {
-            Some(first) if first > 0 && prepared.dedup.is_some() && !prepared.dup => first,
+            Some(first)
+                if prepared.dedup.is_some()
+                    && !prepared.dup
+                    && prepared.messages[..first]
+                        .iter()
+                        .any(Outgoing::tells_generation) =>
+            {
+                first
+            }
             _ => count,
         };
         let mut entry = Entry {
