@@ -72,7 +72,12 @@ impl TestMosquitto {
              log_type warning\n",
             dir.path().display()
         );
-        let tls_port = tls.map(|_| crate::free_port());
+        // Two free ports, not the same one twice.
+        let tls_port = tls.map(|_| {
+            std::iter::repeat_with(crate::free_port)
+                .find(|other| *other != port)
+                .unwrap_or(port)
+        });
         let config = match (tls, tls_port) {
             (Some((cert, key, client_ca)), Some(tls_port)) => {
                 let client_ca = client_ca.map_or_else(String::new, |ca| {
