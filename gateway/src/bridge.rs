@@ -106,14 +106,6 @@ enum FromBroker {
     Lost,
 }
 
-/// One of the gateway's own publishes, for the broker.
-#[derive(Debug)]
-struct ToForward {
-    topic: Arc<str>,
-    payload: bytes::Bytes,
-    confirm: Option<async_nats::Subject>,
-}
-
 /// The forwarded publishes the broker has not acknowledged yet, with where
 /// to confirm each once it has. rumqttc picks the packet id when it sends a
 /// publish, in the order publishes were handed to it; only the task that
@@ -133,7 +125,7 @@ struct Forwarded {
 }
 
 impl Forwarded {
-    fn hand_over(&mut self, client: &AsyncClient, forward: ToForward) {
+    fn hand_over(&mut self, client: &AsyncClient, forward: Delivery) {
         match client.try_publish(
             &*forward.topic,
             QoS::AtLeastOnce,
@@ -376,7 +368,7 @@ impl Bridge {
                 }
                 delivery = self.forward.1.recv() => {
                     let Some(delivery) = delivery else { break };
-                    self.forward(delivery, &forwards, connected);
+                    self.forward(delivery, &forwards);
                 }
                 _ = retry.tick(), if !unsent_acks.is_empty() => send_acks(&client, &mut unsent_acks),
             }
@@ -429,15 +421,11 @@ impl Bridge {
         })
     }
 
-    /// Passes one of the gateway's own publishes to the broker connection;
-    /// it is confirmed once the broker acknowledged it. One that goes
-    /// nowhere is not confirmed: the commands downlink sends it again.
-    fn forward(&self, delivery: Delivery, forwards: &mpsc::Sender<ToForward>, connected: bool) {
-        if !connected {
-            // Not confirmed: the commands downlink sends it again later.
-            debug!(topic = %delivery.topic, "not forwarded: the broker is not connected");
-            return;
-        }
+    /// Passes one of the gateway's own publishes to the task that polls the
+    /// broker connection (which drops it while not connected); it is
+    /// confirmed once the broker acknowledged it. One that goes nowhere is
+    /// not confirmed: the commands downlink sends it again.
+    fn forward(&self, delivery: Delivery, forwards: &mpsc::Sender<Delivery>) {
         if self
             .ingest
             .decodes_to_events(&delivery.topic, &delivery.payload)
@@ -451,12 +439,7 @@ impl Bridge {
             warn!(topic = %delivery.topic, bytes = delivery.payload.len(), max_packet_size = self.max_packet_size, "not forwarded: too large for mqtt.max_packet_size");
             return;
         }
-        let forward = ToForward {
-            topic: delivery.topic,
-            payload: delivery.payload,
-            confirm: delivery.confirm,
-        };
-        if let Err(error) = forwards.try_send(forward) {
+        if let Err(error) = forwards.try_send(delivery) {
             warn!(%error, "not forwarded to the broker: too many waiting");
         }
     }
@@ -525,7 +508,7 @@ async fn poll(
     mut eventloop: EventLoop,
     client: AsyncClient,
     events: mpsc::Sender<FromBroker>,
-    mut forwards: mpsc::Receiver<ToForward>,
+    mut forwards: mpsc::Receiver<Delivery>,
     shutdown: CancellationToken,
 ) {
     let mut pause = Duration::from_millis(500);

@@ -520,13 +520,6 @@ impl Pipeline {
     /// (a clean-session device need not send it again). Bounded: a stop
     /// must not wait out a NATS outage.
     async fn hand_over_held(&mut self) {
-        if self
-            .queue
-            .iter()
-            .all(|entry| entry.released == entry.acks.len())
-        {
-            return;
-        }
         let handed = tokio::time::timeout(ACK_TIMEOUT, async {
             for position in 0..self.queue.len() {
                 if self
